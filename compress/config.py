@@ -1,0 +1,134 @@
+"""Typed configs from plain dicts (YAML), validated with the offending key path in the error.
+
+Why not pydantic: stdlib dataclasses keep the dependency list short; this walker covers the
+types recipes use (nested dataclasses, Optional, Literal, list/tuple/dict, Path, numbers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from .errors import AdcError
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, path: str = "recipe") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and failed checks name ``path.key``.
+
+    A dataclass may define ``validate(self, path)`` for cross-field checks; it is called last.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise AdcError(f"{path}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise AdcError(f"{path}.{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], f"{path}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise AdcError(f"{path}.{name}: missing required key")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate(path)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """The inverse of :func:`from_dict`, for writing the resolved recipe."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, path)
+            except AdcError as exc:
+                errors.append(str(exc))
+        raise AdcError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {_name(tp)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise AdcError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise AdcError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise AdcError(f"{path}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple or tp is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise AdcError(f"{path}: expected a mapping, got {type(value).__name__}")
+        args = get_args(tp) or (Any, Any)
+        return {_convert(args[0], k, f"{path}"): _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise AdcError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise AdcError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AdcError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise AdcError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise AdcError(f"{path}: expected a path, got {value!r}")
+        return Path(value).expanduser()
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise AdcError(f"{path}: cannot read {value!r} as {_name(tp)}")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def check_range(value: float, lo: float, hi: float, path: str, *, hi_open: bool = False) -> None:
+    """Raise unless lo <= value <= hi (or < hi when ``hi_open``)."""
+    ok = lo <= value < hi if hi_open else lo <= value <= hi
+    if not ok:
+        raise AdcError(f"{path}: {value!r} is outside [{lo}, {hi}{')' if hi_open else ']'}")
+
+
+__all__ = ["from_dict", "to_dict", "check_range", "typing"]
