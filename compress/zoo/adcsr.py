@@ -252,7 +252,7 @@ def load_official(model: AdcSR, net_params: str | Path | dict | None = None,
                 if not idx.isdigit() or int(idx) >= len(targets):
                     raise AdcError(f"{name}: unexpected key {k!r}")
                 twin = f"{UNET_PREFIX}{targets[int(idx)]}.{rest}"
-                if twin not in canonical or not torch.equal(canonical[twin], v):
+                if twin not in canonical or (not v.is_meta and not torch.equal(canonical[twin], v)):
                     raise AdcError(f"{name}: aliased key {k!r} differs from {twin!r}")
             elif k.startswith(UNET_PREFIX):
                 new["unet." + k[len(UNET_PREFIX):]] = v

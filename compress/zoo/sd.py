@@ -139,9 +139,22 @@ def build_text_encoder(size: str = "full", device: str | torch.device = "cpu") -
     return build_module(lambda: CLIPTextModel(cfg), device)
 
 
+def alpha_bar(t: int, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> float:
+    """alpha_bar(t) of SD 2.x's scaled-linear DDPM schedule (alpha_bar(999) = 0.0046601).
+
+    Plain Python floats (float64), so it also works while tensors default to ``meta``.
+    """
+    lo, hi = beta_start**0.5, beta_end**0.5
+    step = (hi - lo) / (num_train_timesteps - 1)
+    prod = 1.0
+    for i in range(t + 1):
+        prod *= 1.0 - (lo + i * step) ** 2
+    return prod
+
+
 def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
-    """The DDPM scaled-linear schedule of SD 2.x, in float64 (alpha_bar(999) = 0.0046601)."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    """The whole schedule as a float64 CPU tensor."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64, device="cpu") ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -151,8 +164,8 @@ def one_step_x0(z_t: torch.Tensor, eps: torch.Tensor, t: int = 999) -> torch.Ten
     Why not ``scheduler.step``: after ``set_timesteps(1)`` its result depends on the diffusers
     version (exact x0 in 0.25, an IndexError in 0.32).
     """
-    a_bar = alphas_cumprod()[t]
-    return (z_t - (1.0 - a_bar).sqrt().item() * eps) / a_bar.sqrt().item()
+    a = alpha_bar(t)
+    return (z_t - (1.0 - a) ** 0.5 * eps) / a**0.5
 
 
 def load_sd_components(path: str | Path, components: tuple[str, ...] = ("unet", "vae", "text_encoder")) -> dict[str, nn.Module]:
@@ -174,3 +187,8 @@ def load_sd_components(path: str | Path, components: tuple[str, ...] = ("unet", 
         except (OSError, ValueError) as exc:
             raise AdcError(f"{sub}: could not load {name} ({str(exc).splitlines()[0][:160]})") from None
     return out
+
+
+def build_vae_decoder(size: str = "full", device: str | torch.device = "cpu") -> nn.Module:
+    """The VAE's diffusers ``Decoder`` alone (conv_in 4 -> ... -> RGB): what AdcSR prunes to half width."""
+    return build_vae(size, device).decoder

@@ -38,22 +38,28 @@ class ConditionFreeUNet(nn.Module):
         return cls(unet.conv_in, unet.down_blocks, unet.mid_block, unet.up_blocks,
                    unet.conv_norm_out, unet.conv_act, unet.conv_out)
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """``encoder_hidden_states`` reaches only blocks that still have cross-attention (``attn2``),
+        e.g. after folding the timestep but keeping the text path; AdcSR's UNet has none."""
         up_factor = 2 ** sum(1 for b in self.up_blocks if getattr(b, "upsamplers", None) is not None)
         forward_size = any(d % up_factor for d in sample.shape[-2:])
+        text = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
 
         sample = self.conv_in(sample)
         skips: tuple[torch.Tensor, ...] = (sample,)
         for block in self.down_blocks:
-            sample, res = block(hidden_states=sample, temb=None)
+            extra = text if getattr(block, "has_cross_attention", False) else {}
+            sample, res = block(hidden_states=sample, temb=None, **extra)
             skips += res
         if self.mid_block is not None:
-            sample = self.mid_block(sample, None)
+            extra = text if getattr(self.mid_block, "has_cross_attention", False) else {}
+            sample = self.mid_block(sample, None, **extra)
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             res, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[2:] if (forward_size and i < len(self.up_blocks) - 1) else None
-            sample = block(hidden_states=sample, res_hidden_states_tuple=res, temb=None, upsample_size=size)
+            extra = text if getattr(block, "has_cross_attention", False) else {}
+            sample = block(hidden_states=sample, res_hidden_states_tuple=res, temb=None, upsample_size=size, **extra)
         if self.conv_norm_out is not None:
             sample = self.conv_act(self.conv_norm_out(sample))
         return self.conv_out(sample)

@@ -1,0 +1,312 @@
+"""Save a compressed model as weights + the recipe of transformations; load it back in one call.
+
+Why not ``save_pretrained``: a pruned diffusers model keeps its dense ``config`` (e.g.
+``block_out_channels=(320, ...)``), so ``from_pretrained`` rebuilds the dense architecture and
+the weights no longer fit. Here the directory holds
+
+- ``weights.safetensors``: the compressed state dict;
+- ``record.json``: the base model (an allow-listed builder and its arguments) and the ordered
+  transformation records (op, arguments, what changed, torch-pruning's ``pruning_history()``).
+
+:func:`load_compressed` builds the base model on ``meta`` (no memory, no init cost), replays
+every transformation, checks every tensor shape against the file, then loads the weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import AdcError
+from ..io import load_safetensors, save_safetensors
+from ..zoo.build import build_module
+from ._common import TransformRecord, count_params, import_target
+from .attention import restore_attention
+
+FORMAT, VERSION = "adc-compressed", 1
+WEIGHTS, RECORD = "weights.safetensors", "record.json"
+
+
+def base_model(target: str, device: str | torch.device = "cpu", **kwargs: Any) -> tuple[nn.Module, TransformRecord]:
+    """Build the starting model and the ``base`` record that rebuilds it.
+
+    ``target``: ``"compress.zoo.sd:build_unet"`` (with ``size="tiny"``), or a diffusers class such
+    as ``"diffusers:UNet2DConditionModel"`` with its config as keyword arguments. Only builders
+    under ``torch.nn``, ``diffusers`` and ``compress`` are accepted. ``kwargs`` must be JSON data.
+    """
+    try:
+        json.dumps(kwargs)
+    except TypeError as exc:
+        raise AdcError(f"base_model {target!r}: arguments must be JSON data ({exc})") from None
+    model = _build_base(target, kwargs, device)
+    return model, TransformRecord("base", {"target": target, "kwargs": kwargs}, 0, count_params(model))
+
+
+def _build_base(target: str, kwargs: dict[str, Any], device: str | torch.device) -> nn.Module:
+    builder = import_target(target)
+    try:
+        takes_device = "device" in inspect.signature(builder).parameters and not isinstance(builder, type)
+    except (TypeError, ValueError):
+        takes_device = False
+    try:
+        model = builder(**kwargs, device=device) if takes_device else build_module(lambda: builder(**kwargs), device)
+    except TypeError as exc:
+        raise AdcError(f"base model {target!r}: bad arguments ({exc})") from None
+    if not isinstance(model, nn.Module):
+        raise AdcError(f"base model {target!r} built a {type(model).__name__}, not a module")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Replaying records
+# --------------------------------------------------------------------------------------------
+def _replay_remove_modules(model, r):
+    from .remove import remove_modules
+
+    return remove_modules(model, r.args["patterns"], r.args["replacement"])[0]
+
+
+def _replay_remove_conditioning(model, r):
+    from .remove import remove_conditioning
+
+    return remove_conditioning(model, r.args["drop"])[0]
+
+
+def _replay_fold_timestep(model, r):
+    from .fold import fold_timestep
+
+    return fold_timestep(model, r.args["timestep"])[0]
+
+
+def _replay_fold_cross_attention(model, r):
+    from .fold import fold_cross_attention
+
+    p = next(model.parameters())
+    ehs = torch.zeros(1, r.args["tokens"], r.args["dim"], device=p.device, dtype=p.dtype)
+    return fold_cross_attention(model, ehs)[0]
+
+
+def _replay_widen_module(model, r):
+    from .interface import widen_module
+
+    a = r.args
+    return widen_module(model, a["name"], a["in_channels"], a["out_channels"], a["mode"])[0]
+
+
+def _replay_slice_width(model, r):
+    from .slice import slice_width
+
+    a = r.args
+    return slice_width(model, a["ratio_keep"], a["gn_policy"], tuple(a["divisors"]), a["attention_scale"])[0]
+
+
+def _replay_prune_channels(model, r):
+    from .channels import apply_history
+
+    if r.extra.get("trace") is not None:
+        return apply_history(model, r)
+    return apply_shapes(model, r)
+
+
+REPLAY: dict[str, Callable[[nn.Module, TransformRecord], nn.Module]] = {
+    "remove_modules": _replay_remove_modules,
+    "remove_conditioning": _replay_remove_conditioning,
+    "fold_timestep": _replay_fold_timestep,
+    "fold_cross_attention": _replay_fold_cross_attention,
+    "widen_module": _replay_widen_module,
+    "slice_width": _replay_slice_width,
+    "prune_channels": _replay_prune_channels,
+}
+
+
+def apply_shapes(model: nn.Module, record: TransformRecord) -> nn.Module:
+    """Give every module the shapes and width attributes a record says it ended with (in place).
+
+    Used when a transformation cannot be re-run (pruning traced with a custom ``forward_fn``):
+    the weights are loaded afterwards, so only the architecture has to be reproduced.
+    """
+    from ._common import rebuild_conv, rebuild_group_norm, rebuild_layer_norm, rebuild_linear, swap_modules
+
+    mapping = {}
+    for c in record.changes:
+        if c.action != "resized":
+            continue
+        m = model.get_submodule(c.name)
+        p = next(m.parameters(), None)
+        kw = {"device": p.device if p is not None else "cpu", "dtype": p.dtype if p is not None else torch.float32}
+        empty = lambda key: torch.empty(c.after[key], **kw) if key in c.after else None  # noqa: E731
+        if isinstance(m, nn.Linear):
+            mapping[m] = rebuild_linear(m, empty("weight"), empty("bias"))
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            mapping[m] = rebuild_conv(m, empty("weight"), empty("bias"))
+        elif isinstance(m, nn.GroupNorm):
+            width = c.after.get("num_channels") or c.after["weight"][0]
+            mapping[m] = rebuild_group_norm(m, m.num_groups if width % m.num_groups == 0 else 1,
+                                            empty("weight"), empty("bias"), width)
+        elif isinstance(m, nn.LayerNorm):
+            width = (c.after.get("normalized_shape") or c.after["weight"])[0]
+            mapping[m] = rebuild_layer_norm(m, width, empty("weight"), empty("bias"))
+        else:
+            raise AdcError(f"record resizes {c.name!r} ({type(m).__name__}), which cannot be rebuilt from shapes")
+    swap_modules(model, mapping)
+    attention = []
+    for c in record.changes:
+        if c.action == "regrouped":
+            model.get_submodule(c.name).num_groups = c.after["num_groups"]
+        elif c.action == "attribute":
+            if "heads" in c.after:
+                attention.append({"name": c.name, "after": c.after})
+            else:
+                m = model.get_submodule(c.name)
+                for k, v in c.after.items():
+                    setattr(m, k, v)
+    restore_attention(model, attention)
+    return model
+
+
+def replay(chain: Sequence[TransformRecord | dict], device: str | torch.device = "meta") -> nn.Module:
+    """Rebuild the architecture a chain of records describes (weights are whatever init gave)."""
+    records = [r if isinstance(r, TransformRecord) else TransformRecord.from_dict(r, f"chain[{i}]")
+               for i, r in enumerate(chain)]
+    _check_chain(records)
+    base = records[0]
+    model = _build_base(base.args["target"], dict(base.args.get("kwargs", {})), device)
+    for i, r in enumerate(records[1:], start=1):
+        try:
+            model = REPLAY[r.op](model, r)
+        except AdcError as exc:
+            raise AdcError(f"replaying chain[{i}] ({r.op}): {exc}") from None
+    return model
+
+
+def _check_chain(records: list[TransformRecord]) -> None:
+    if not records or records[0].op != "base":
+        raise AdcError("record chain: the first record must be the 'base' model (see compress.prune.persist.base_model)")
+    for i, r in enumerate(records[1:], start=1):
+        if r.op == "base":
+            raise AdcError(f"record chain[{i}]: a second 'base' record; composing models is not supported")
+        if r.op not in REPLAY:
+            raise AdcError(f"record chain[{i}]: op {r.op!r} cannot be replayed (known: {', '.join(REPLAY)})")
+        if r.op == "remove_modules" and r.args.get("replacement", {}).get("replayable") is False:
+            raise AdcError(f"record chain[{i}] (remove_modules): the replacement was given as a module instance; "
+                           "pass a ModuleSpec so that it can be rebuilt")
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------
+def save_compressed(model: nn.Module, record_chain: Sequence[TransformRecord | dict], path: str | os.PathLike,
+                    verify: bool = True) -> Path:
+    """Write ``path/weights.safetensors`` and ``path/record.json`` atomically (all or nothing).
+
+    ``verify``: replay the chain on ``meta`` first and refuse to save when the rebuilt
+    architecture's tensor shapes differ from ``model``'s (a record missing from the chain).
+    """
+    records = [r if isinstance(r, TransformRecord) else TransformRecord.from_dict(r, f"record_chain[{i}]")
+               for i, r in enumerate(record_chain)]
+    _check_chain(records)
+    state = {k: v for k, v in model.state_dict().items()}
+    if any(v.is_meta for v in state.values()):
+        raise AdcError("save_compressed: the model has meta tensors (no weights to save)")
+    shapes = {k: list(v.shape) for k, v in state.items()}
+    if verify:
+        rebuilt = {k: list(v.shape) for k, v in replay(records, "meta").state_dict().items()}
+        _compare(rebuilt, shapes, "the replayed chain", "the model")
+    import diffusers
+    import torch_pruning
+
+    meta = {"format": FORMAT, "version": VERSION, "weights": WEIGHTS, "params": count_params(model),
+            "tensors": shapes, "chain": [r.to_dict() for r in records],
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "torch_pruning": getattr(torch_pruning, "__version__", "?")}}
+    text = json.dumps(meta, indent=1, sort_keys=False, default=_json_default)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        save_safetensors(state, tmp / WEIGHTS, metadata={"format": FORMAT})
+        (tmp / RECORD).write_text(text + "\n")
+        _swap_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _swap_dir(tmp: Path, path: Path) -> None:
+    """Put directory ``tmp`` at ``path``; an old ``path`` is removed only after the new one is in place."""
+    if path.exists() and not path.is_dir():
+        raise AdcError(f"{path}: exists and is not a directory")
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old.{os.getpid()}")
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, torch.dtype):
+        return str(o).removeprefix("torch.")
+    raise TypeError(f"{type(o).__name__} is not JSON data")
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    f = path / RECORD
+    if not f.is_file():
+        raise AdcError(f"{path}: no {RECORD}; not a directory written by save_compressed")
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdcError(f"{f}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdcError(f"{f}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise AdcError(f"{f}: version {meta.get('version')!r} is not supported (expected {VERSION})")
+    return meta
+
+
+def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model saved by :func:`save_compressed` and load its weights (eval mode)."""
+    path = Path(path)
+    meta = read_record(path)
+    model = replay(meta["chain"], "meta")
+    state = load_safetensors(path / meta.get("weights", WEIGHTS), device=str(device))
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    _compare(expected, {k: list(v.shape) for k, v in state.items()}, "the replayed chain", f"{path / WEIGHTS}")
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise AdcError(f"{path}: {left[0]!r} has no saved value ({len(left)} tensors); the file is incomplete")
+    return model.eval()
+
+
+def _compare(a: dict[str, list[int]], b: dict[str, list[int]], name_a: str, name_b: str) -> None:
+    missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if missing:
+        raise AdcError(f"{name_b} lacks {missing[0]!r}, which {name_a} has ({len(missing)} keys differ)")
+    if extra:
+        raise AdcError(f"{name_b} has {extra[0]!r}, which {name_a} lacks ({len(extra)} keys differ)")
+    for k in a:
+        if a[k] != b[k]:
+            raise AdcError(f"{k!r}: {name_a} has shape {a[k]}, {name_b} has {b[k]}")
+
+
+__all__ = ["base_model", "save_compressed", "load_compressed", "replay", "apply_shapes", "read_record", "REPLAY"]

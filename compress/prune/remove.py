@@ -1,0 +1,155 @@
+"""Remove or replace modules by name, and strip a UNet's timestep and text conditioning.
+
+Patterns are globs on dotted module names (``"*.attn2"``) or regular expressions after
+``"re:"`` (``"re:.*resnets\\.\\d+\\.time_emb_proj"``). A pattern that selects nothing is an
+error: a silent no-op would hide a typo or a model that is not the one the recipe assumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import AdcError
+from ..zoo.unet import ConditionFreeUNet
+from ._common import (Constant, ModuleChange, ModuleSpec, TransformRecord, as_list, count_params, describe,
+                      match_names, outermost, qualname, swap_modules)
+
+Replacement = Any  # None | "identity" | torch.Tensor | nn.Module | ModuleSpec
+
+
+def _replacement_factory(replacement: Replacement) -> tuple[Any, dict[str, Any]]:
+    """(callable making one replacement per match, JSON description for the record)."""
+    if replacement is None or replacement == "none":
+        return (lambda: None), {"kind": "none"}
+    if isinstance(replacement, str):
+        if replacement == "identity":
+            return nn.Identity, {"kind": "identity"}
+        raise AdcError(f"replacement {replacement!r}: expected None, 'identity', a tensor, a module or a ModuleSpec")
+    if torch.is_tensor(replacement):
+        value = replacement.detach()
+        return (lambda: Constant(value)), {"kind": "constant", "shape": list(value.shape),
+                                           "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(replacement, ModuleSpec):
+        replacement.build()  # fail now, not on the n-th match
+        return replacement.build, {"kind": "spec", "target": replacement.target, "kwargs": dict(replacement.kwargs)}
+    if isinstance(replacement, dict) and "kind" in replacement:  # a record's own description (replay)
+        return _from_description(replacement)
+    if isinstance(replacement, nn.Module):
+        import copy
+
+        return (lambda: copy.deepcopy(replacement)), {"kind": "module", "type": qualname(replacement),
+                                                      "replayable": False}
+    raise AdcError(f"replacement of type {type(replacement).__name__}: expected None, 'identity', a tensor, "
+                   "a module or a ModuleSpec")
+
+
+def _from_description(d: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    kind = d["kind"]
+    if kind in ("none", "identity"):
+        return _replacement_factory(None if kind == "none" else "identity")
+    if kind == "constant":
+        dtype = getattr(torch, d["dtype"])
+        return _replacement_factory(torch.zeros(d["shape"], dtype=dtype))
+    if kind == "spec":
+        return _replacement_factory(ModuleSpec(d["target"], d.get("kwargs", {})))
+    raise AdcError(f"replacement {d!r} cannot be rebuilt (a module instance was given; use a ModuleSpec)")
+
+
+def remove_modules(model: nn.Module, patterns: str | Sequence[str], replacement: Replacement = None
+                   ) -> tuple[nn.Module, TransformRecord]:
+    """Replace every module matching any of ``patterns`` (in place) and return ``(model, record)``.
+
+    ``replacement``: ``None`` (attribute set to ``None``: for optional diffusers members such as
+    ``time_emb_proj``/``attn2`` whose forward skips them), ``"identity"``, a tensor (a
+    :class:`Constant` returning it), a module (deep-copied per match; not replayable from the
+    record) or a :class:`ModuleSpec` (replayable). Matches inside another match are skipped.
+    """
+    pats = as_list(patterns)
+    if not pats:
+        raise AdcError("remove_modules: no pattern given")
+    make, desc = _replacement_factory(replacement)
+    names: list[str] = []
+    for p in pats:
+        names += match_names(model, p, where=f"remove_modules pattern {p!r}")
+    names = outermost(names)
+    before = count_params(model)
+    mapping: dict[nn.Module, nn.Module | None] = {}
+    changes = []
+    for name in names:
+        old = model.get_submodule(name)
+        new = make()
+        mapping[old] = new
+        changes.append(ModuleChange(name, "removed" if new is None else "replaced", describe(old), describe(new)))
+    swap_modules(model, mapping)
+    return model, TransformRecord("remove_modules", {"patterns": pats, "replacement": desc}, before,
+                                  count_params(model), changes)
+
+
+_TIME_TOP = ("time_proj", "time_embedding", "class_embedding", "add_embedding", "time_embed_act")
+DROPPABLE = ("time", "cross_attention")
+
+
+def remove_conditioning(unet: nn.Module, drop: Sequence[str] = DROPPABLE) -> tuple[nn.Module, TransformRecord]:
+    """Remove the timestep branch and/or cross-attention from a diffusers UNet (in place).
+
+    ``"time"``: ``time_proj``, ``time_embedding`` (and class/added embeddings) and every
+    ``time_emb_proj``; the result is a :class:`ConditionFreeUNet` (same parameter names) that runs
+    the blocks with ``temb=None``. That equals the original only where the time branch is
+    constant and negligible; :func:`compress.prune.fold.fold_timestep` keeps it exactly instead.
+    ``"cross_attention"``: every ``attn2`` and its ``norm2``. With ``"time"`` kept the diffusers
+    model is returned (call it with ``encoder_hidden_states=None``). In place: the modules of
+    ``unet`` are reused, so use only the returned model afterwards.
+    """
+    drop = tuple(as_list(drop))
+    bad = [d for d in drop if d not in DROPPABLE]
+    if bad or not drop:
+        raise AdcError(f"remove_conditioning drop={list(drop)!r}: expected a non-empty subset of {list(DROPPABLE)}")
+    for attr in ("conv_in", "down_blocks", "up_blocks", "conv_out"):
+        if not hasattr(unet, attr):
+            raise AdcError(f"remove_conditioning: {type(unet).__name__} is not a diffusers-style UNet (no {attr!r})")
+    before = count_params(unet)
+    changes: list[ModuleChange] = []
+    if "time" in drop:
+        if getattr(getattr(unet, "config", None), "addition_embed_type", None) == "image_hint":
+            raise AdcError("remove_conditioning: this UNet concatenates a hint image to its input; not supported")
+        for attr in _TIME_TOP:
+            m = getattr(unet, attr, None)
+            if isinstance(m, nn.Module):
+                changes.append(ModuleChange(attr, "removed", describe(m), describe(None)))
+        for name, m in unet.named_modules():
+            if type(m).__name__ == "ResnetBlockCondNorm2D":
+                raise AdcError(f"remove_conditioning: {name!r} normalises with the time embedding "
+                               "(ResnetBlockCondNorm2D); it cannot run without it")
+            proj = getattr(m, "time_emb_proj", None)
+            if isinstance(proj, nn.Module):
+                changes.append(ModuleChange(f"{name}.time_emb_proj", "removed", describe(proj), describe(None)))
+                m.time_emb_proj = None
+                if getattr(m, "time_embedding_norm", "default") == "scale_shift":
+                    # without temb, scale-shift modulation is h * (1 + 0) + 0: the plain norm
+                    m.time_embedding_norm = "default"
+                    changes.append(ModuleChange(name, "attribute", {"time_embedding_norm": "scale_shift"},
+                                                {"time_embedding_norm": "default"}))
+    if "cross_attention" in drop:
+        for name, m in unet.named_modules():
+            if isinstance(getattr(m, "attn2", None), nn.Module):
+                if getattr(m, "only_cross_attention", False):
+                    raise AdcError(f"remove_conditioning: {name!r} has only cross-attention; removing it "
+                                   "would leave no attention")
+                changes.append(ModuleChange(f"{name}.attn2", "removed", describe(m.attn2), describe(None)))
+                m.attn2 = None
+                if isinstance(getattr(m, "norm2", None), nn.Module):
+                    changes.append(ModuleChange(f"{name}.norm2", "removed", describe(m.norm2), describe(None)))
+                    m.norm2 = None
+    if not changes:
+        raise AdcError(f"remove_conditioning drop={list(drop)!r}: nothing to remove (already removed?)")
+    out = unet
+    if "time" in drop and not isinstance(unet, ConditionFreeUNet):
+        out = ConditionFreeUNet.from_unet(unet)
+    return out, TransformRecord("remove_conditioning", {"drop": list(drop)}, before, count_params(out), changes,
+                                {"result": type(out).__name__})
+
+
+__all__ = ["remove_modules", "remove_conditioning", "Constant", "ModuleSpec", "DROPPABLE"]

@@ -1,0 +1,283 @@
+"""``python -m compress.sr``: super-resolve an image or a folder with any adc SR model.
+
+Why a separate entry point: the official AdcSR ``test.py`` needs sides divisible by 16, runs the
+whole image at once (a 1500x1200 LR runs out of memory on an H100, AdcSR issue #7) and has no
+safe half precision. Here the LR is reflection-padded and the output cropped back, large
+images are tiled with seam-free blending and *global* colour statistics, and fp16/bf16 run as
+autocast with a non-finite fallback (see :mod:`compress.inference`).
+
+    python -m compress.sr --model weights/ --input lr/ --output sr/ --tile 512 --dtype fp16
+
+``--model``: a folder with the official ``net_params_*.pkl`` + ``halfDecoder.ckpt``; an adc
+run folder (with ``student/``); or a zoo name (adcsr, osediff, s3diff) with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import AdcError
+from .inference import Precision, model_device, model_pad_multiple, resolve_precision, upscale
+from .io import atomic_path
+
+__all__ = ["load_sr_model", "upscale", "plan_outputs", "main"]
+
+SR_ZOO = ("adcsr", "osediff", "s3diff")
+HALF_DECODER = "halfDecoder.ckpt"
+_NET_PARAMS = re.compile(r"^net_params_(\d+)\.pkl$")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- model loading
+
+
+def _parse_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AdcError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AdcError(f"device {device!r}: torch {torch.__version__} sees no CUDA GPU")
+    return dev
+
+
+def _official_files(folder: Path) -> tuple[Path | None, Path | None]:
+    """(highest-epoch net_params_*.pkl, halfDecoder.ckpt), each None when absent."""
+    epochs = [(int(m.group(1)), p) for p in folder.glob("net_params_*.pkl") if (m := _NET_PARAMS.match(p.name))]
+    net = max(epochs)[1] if epochs else None
+    dec = folder / HALF_DECODER
+    return net, dec if dec.is_file() else None
+
+
+def _load_official_dir(folder: Path, size: str, device: torch.device, log: Callable[[str], None]) -> nn.Module:
+    from .zoo.adcsr import build_adcsr, load_official
+
+    net, dec = _official_files(folder)
+    if net is None or dec is None:
+        missing = "net_params_<epoch>.pkl" if net is None else HALF_DECODER
+        raise AdcError(f"{folder}: official AdcSR weights need net_params_<epoch>.pkl and {HALF_DECODER}; "
+                       f"{missing} is missing")
+    model = build_adcsr(size, "meta")  # no random init of 456 M parameters just to overwrite them
+    try:
+        load_official(model, net, dec)
+    except AdcError as exc:
+        other = "tiny" if size == "full" else "full"
+        raise AdcError(f"{exc} (is --size {size} right? try --size {other})") from None
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = build_adcsr(size, "cpu")
+        load_official(model, net, dec)
+    log(f"loaded official AdcSR ({size}): {net.name} + {HALF_DECODER} from {folder}")
+    return model.to(device).eval()
+
+
+def _load_student_dir(student: Path, device: torch.device, log: Callable[[str], None]) -> nn.Module:
+    """A student written by the adc runner (:func:`compress.student.save_student`)."""
+    from .student import load_student
+
+    model, _ = load_student(student)
+    log(f"loaded compressed student from {student}")
+    return model.to(device).eval()
+
+
+def load_sr_model(spec: str | os.PathLike, size: str = "full", device: str | torch.device | None = "cpu",
+                  log: Callable[[str], None] | None = None) -> nn.Module:
+    """The SR model named by ``spec``, in eval mode on ``device``.
+
+    ``spec``: a folder with official AdcSR weights (``size`` must match them: "full" for the
+    released ones), an adc run folder with ``student/`` (or that ``student/`` folder), or a zoo name in :data:`SR_ZOO`
+    (random weights, with a one-line warning through ``log``).
+    """
+    log = log or _stderr
+    dev = _parse_device(device)
+    if size not in ("full", "tiny"):
+        raise AdcError(f"--size {size!r} is not one of full, tiny")
+    path = Path(spec)
+    if path.is_dir():
+        from .student import find_student
+
+        student = find_student(path)  # a run folder, or its student/ folder
+        if student is not None:
+            return _load_student_dir(student, dev, log)
+        net, dec = _official_files(path)
+        if net is not None or dec is not None:
+            return _load_official_dir(path, size, dev, log)
+        raise AdcError(f"--model {spec}: folder has neither official AdcSR weights (net_params_*.pkl + "
+                       f"{HALF_DECODER}) nor a run's student/")
+    if str(spec) in SR_ZOO:
+        from .zoo import build
+
+        model = build(str(spec), size, dev)
+        log(f"warning: --model {spec}: random weights (no checkpoint given); outputs are only good for testing")
+        return model.eval()
+    what = "is a file" if path.exists() else "does not exist"
+    raise AdcError(f"--model {spec!r}: {what}; expected a folder with net_params_*.pkl + {HALF_DECODER}, "
+                   f"a run folder with student/, or one of {', '.join(SR_ZOO)}")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _inputs(src: Path, out_dir: Path, recursive: bool) -> tuple[Path, list[Path]]:
+    """(root the outputs mirror, image files to read); refuses an output folder equal to the input one."""
+    from .data.images import IMAGE_EXTENSIONS, list_images
+
+    if src.is_file():
+        return src.parent, [src]
+    if not src.is_dir():
+        raise AdcError(f"--input {src}: no such file or folder")
+    if out_dir.resolve() == src.resolve():
+        raise AdcError(f"--output {out_dir} is the input folder; choose another one (inputs are never overwritten)")
+    out_real = out_dir.resolve()
+    files = [p for p in list_images(src, recursive=recursive)
+             if not p.resolve().is_relative_to(out_real)]  # earlier outputs inside the input tree
+    if not files:
+        raise AdcError(f"--input {src}: no images ({', '.join(IMAGE_EXTENSIONS)})"
+                       f"{'' if recursive else ' (add --recursive for subfolders)'}")
+    return src, files
+
+
+def plan_outputs(root: Path, files: Sequence[Path], out_dir: Path) -> list[Path]:
+    """One PNG per input, mirroring its path under ``root``; refuses any that would overwrite an input.
+
+    Two inputs with the same stem (``a.jpg``, ``a.png``) get ``a.png`` and ``a.jpg.png``.
+    """
+    sources = {p.resolve() for p in files}
+    inodes = {(s.st_dev, s.st_ino) for s in (p.stat() for p in files)}
+    taken: set[Path] = set()
+    plan = []
+    for p in files:
+        rel = p.relative_to(root)
+        out = out_dir / rel.with_suffix(".png")
+        if out.resolve() in taken:
+            out = out_dir / rel.with_name(rel.name + ".png")
+        real = out.resolve()
+        if real in sources or (out.exists() and (out.stat().st_dev, out.stat().st_ino) in inodes):
+            raise AdcError(f"refusing to write {out}: it is an input file (choose another --output)")
+        taken.add(real)
+        plan.append(out)
+    return plan
+
+
+def save_png(sr01: torch.Tensor, path: Path) -> None:
+    """(3,H,W) in [0,1] -> 8-bit RGB PNG, written atomically (temp file + rename). Scales ``sr01`` in place."""
+    from PIL import Image
+
+    arr = sr01.mul_(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")  # uint8 HxWx3 is RGB
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "not enough memory" in msg)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m compress.sr",
+                                description="Super-resolve an image or a folder of images with an adc SR model "
+                                            "(reflection padding, optional tiling with global colour statistics).")
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help=f"official AdcSR weights folder, adc run folder, or zoo name ({', '.join(SR_ZOO)})")
+    p.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
+    p.add_argument("--output", required=True, type=Path, help="folder for the PNGs (never the input folder)")
+    p.add_argument("--recursive", action="store_true", help="also read images in subfolders (mirrored in --output)")
+    p.add_argument("--tile", type=int, default=None, metavar="N",
+                   help="LR tile side in px (a multiple of the model's 16); 0 or unset = whole image at once")
+    p.add_argument("--overlap", type=int, default=32, metavar="M", help="LR px shared by neighbouring tiles (32)")
+    p.add_argument("--batch", type=int, default=4, help="tiles per forward pass (4)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="fp32, or bf16/fp16 autocast (norms and softmax stay fp32; fp16 on CPU runs as bf16)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--size", default="full", choices=("full", "tiny"),
+                   help="model widths: full (the released weights) or tiny (tests and demos)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data.images import ImageReadError, read_image, to_chw_tensor
+
+    def log(msg: str) -> None:
+        tqdm.write(msg, file=sys.stderr)
+
+    t0 = time.perf_counter()
+    tile = args.tile or None
+    if tile is not None and tile < 0:
+        raise AdcError(f"--tile {args.tile}: expected a positive number of px (or 0 for no tiling)")
+    if args.batch < 1:
+        raise AdcError(f"--batch {args.batch}: expected >= 1")
+    root, files = _inputs(args.input, args.output, args.recursive)
+    outputs = plan_outputs(root, files, args.output)
+    device = _parse_device(args.device)
+    model = load_sr_model(args.model, args.size, device, log=log)
+    precision: Precision = resolve_precision(args.dtype, model_device(model))
+    if precision.notice:
+        log(precision.notice)
+    if tile is not None:  # rounded here once, not once per image inside upscale
+        multiple = model_pad_multiple(model)
+        rounded = max(multiple, tile // multiple * multiple)
+        if rounded != tile:
+            log(f"notice: --tile {tile} rounded to {rounded} (a multiple of {multiple})")
+        tile = rounded
+
+    written = skipped = 0
+    for src, dst in zip(tqdm(files, desc="sr", unit="img", file=sys.stderr, disable=None), outputs):
+        try:
+            lr = to_chw_tensor(read_image(src))
+        except ImageReadError as exc:
+            log(f"skipped: {exc}")
+            skipped += 1
+            continue
+        h, w = lr.shape[-2:]
+        if tile is None and max(h, w) > 1024:
+            log(f"hint: {src.name} is {w}x{h} and runs untiled; add --tile 512 if memory runs out")
+        try:
+            sr = upscale(model, lr, tile=tile, overlap=args.overlap, dtype=precision, batch=args.batch,
+                         progress=True, log=log, name=str(src))
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if not _is_oom(exc):
+                raise
+            advice = "a smaller --tile or --batch 1" if tile else "--tile 512 (or smaller)"
+            raise AdcError(f"{src}: out of memory on a {w}x{h} image; rerun with {advice}") from None
+        save_png(sr, dst)
+        written += 1
+    print(f"done: {written} written, {skipped} skipped, {time.perf_counter() - t0:.1f} s -> {args.output}",
+          flush=True)
+    return 1 if written == 0 and skipped else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except AdcError as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

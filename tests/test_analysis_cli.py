@@ -1,0 +1,73 @@
+"""``python -m compress.analysis``: writes Markdown + CSVs; a user mistake is one line and exit code 2."""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from compress.analysis.__main__ import main
+
+
+@pytest.fixture()
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cli_writes_markdown_and_csv(tmp_path, capsys, one_thread):
+    out = tmp_path / "reports" / "analysis.md"
+    rc = main(["--model", "sd21-unet", "--size", "tiny", "--lr-size", "32", "--prompt", "dropped", "--out", str(out)])
+    assert rc == 0
+    md = out.read_text()
+    assert md.startswith("# Compression analysis: sd21-unet (tiny)")
+    summary = md[md.index("## Summary"):md.index("## How the numbers")]
+    assert "| removable |" in summary and "| foldable |" in summary and "| prunable |" in summary
+    assert "FlopCounterMode" in summary and "device cpu" in summary and "float32" in summary
+    assert "sample 1x4x16x16" in summary
+    rows = pd.read_csv(out.with_suffix(".csv"))
+    assert len(rows) > 100 and set(rows["classification"]) == {"removable", "foldable", "prunable", "keep"}
+    groups = pd.read_csv(tmp_path / "reports" / "analysis.groups.csv")
+    assert (groups["tags"].fillna("").str.contains("skip-concat")).any()
+    assert "wrote" in capsys.readouterr().out
+    assert not list(out.parent.glob("*.tmp"))  # atomic writes leave nothing behind
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["--model", "resnet50"], "unknown model 'resnet50'"),
+    (["--model", "osediff", "--prompt", "sometimes"], "--prompt 'sometimes'"),
+    (["--model", "osediff", "--size", "huge"], "--size 'huge'"),
+])
+def test_cli_user_mistake_is_one_line_exit_2(tmp_path, capsys, argv, what):
+    rc = main(argv + ["--out", str(tmp_path / "a.md")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and what in err and "Traceback" not in err
+    assert not (tmp_path / "a.md").exists()
+
+
+@pytest.mark.slow
+def test_full_size_osediff_within_budget(tmp_path):
+    """The full-size OSEDiff (1.77 B parameters) on meta: <= 60 s and <= 6 GiB RSS (see profiling/bench_analysis.py)."""
+    import resource
+
+    def cpu() -> float:
+        u = resource.getrusage(resource.RUSAGE_SELF)
+        return u.ru_utime + u.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu()
+    out = tmp_path / "analysis-osediff.md"
+    assert main(["--model", "osediff", "--size", "full", "--out", str(out)]) == 0
+    wall, seconds = time.perf_counter() - t0, cpu() - c0  # CPU time: other jobs on a shared CPU inflate wall time
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rows = pd.read_csv(out.with_suffix(".csv"))
+    total = rows["own_params"].sum()
+    assert abs(total / 1e6 - 1765.30) < 0.01  # the models.md count, DAPE and LoRA included
+    cls = dict(zip(rows["module"], rows["classification"]))
+    assert cls["text_encoder"] == "removable" and cls["vae.encoder"] == "removable"
+    assert cls["unet.time_embedding"] == "foldable"
+    assert seconds <= 60 and rss_gib <= 6, (seconds, wall, rss_gib)
