@@ -1,0 +1,96 @@
+"""``evaluate``: bicubic, teacher and student on held-out LR/HR pairs, PSNR/SSIM (Y, pyiqa-exact).
+
+SR images are written as PNGs (one folder per method) and scored with
+:func:`compress.evaluate.evaluate_folders`, the same code as ``python -m compress.evaluate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import AdcError
+
+Method = Literal["bicubic", "teacher", "student"]
+
+
+@dataclass
+class EvaluateConfig:
+    methods: list[Method] = field(default_factory=lambda: ["bicubic", "teacher", "student"])
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    limit: int | None = None  # first N pairs only (None = all)
+
+    def validate(self, path: str) -> None:
+        if not self.methods:
+            raise AdcError(f"{path}.methods: empty; expected some of bicubic, teacher, student")
+
+
+def run_evaluate_needs(bundle, config: EvaluateConfig) -> list[str]:
+    data = bundle.recipe.data
+    needs = [] if data.eval_lr and data.eval_hr else ["data.eval_lr and data.eval_hr (paired LR/HR folders)"]
+    if "teacher" in config.methods:
+        needs += bundle.missing_weights("sd21_base", "osediff")
+    if "student" in config.methods and bundle.size == "full" and not bundle.has_trained_student():
+        needs.append("a trained student (run pretrain_decoder + distill, or give models.adcsr_net_params "
+                     "and models.half_decoder)")
+    return sorted(set(needs))
+
+
+def _save_png(img01: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    from ..io import atomic_path
+
+    arr = (img01.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+@torch.no_grad()
+def run_evaluate(bundle, config: EvaluateConfig, stage_dir: Path) -> dict[str, Any]:
+    from ..data import PairedFolderDataset
+    from ..evaluate import evaluate_folders, summarize
+
+    data = bundle.recipe.data
+    pairs = PairedFolderDataset(data.eval_lr, data.eval_hr, scale=bundle.recipe.task.scale)
+    limit = config.limit or data.eval_limit or len(pairs)
+    device = bundle.device
+    models = {}
+    if "teacher" in config.methods:
+        models["teacher"] = bundle.teacher()
+    if "student" in config.methods:
+        models["student"] = bundle.student()
+    hr_dir = stage_dir / "HR"
+    results: dict[str, Any] = {}
+    tables = []
+    for i in range(min(limit, len(pairs))):
+        item = pairs[i]
+        _save_png(item["hr"], hr_dir / f"{item['name']}.png")
+    for method in config.methods:
+        out_dir = stage_dir / method
+        for i in range(min(limit, len(pairs))):
+            item = pairs[i]
+            lr = item["lr"].unsqueeze(0).to(device)
+            if method == "bicubic":
+                sr = F.interpolate(lr, scale_factor=bundle.recipe.task.scale, mode="bicubic", align_corners=False)
+            else:
+                sr = (models[method](lr * 2 - 1).float() + 1) / 2
+            _save_png(sr[0], out_dir / f"{item['name']}.png")
+        frame = evaluate_folders(out_dir, hr_dir, metrics=config.metrics)
+        summary = summarize(frame)
+        frame.insert(0, "method", method)
+        tables.append(frame)
+        results[method] = {row["metric"]: row["value"] for _, row in summary.iterrows()}
+    import pandas as pd
+
+    from ..io import atomic_path
+
+    per_image = pd.concat(tables, ignore_index=True)
+    with atomic_path(stage_dir / "per_image.csv") as tmp:
+        per_image.to_csv(tmp, index=False, float_format="%.6f")
+    return {"n_images": min(limit, len(pairs)), "means": results, "per_image": str(stage_dir / "per_image.csv"),
+            "device": str(device), "dtype": "fp32", "lr_size": list(item["lr"].shape[-2:])}
