@@ -32,11 +32,9 @@ class ModelsConfig:
     osediff: Path | None = None            # osediff.pkl (OSEDiff's LoRA layout or AdcSR's merged layout)
     ram: Path | None = None                # ram_swin_large_14m.pth (DAPE backbone)
     dape: Path | None = None               # DAPE.pth (DAPE LoRA)
-    half_decoder: Path | None = None       # halfDecoder.ckpt, to skip stage 1
-    adcsr_net_params: Path | None = None   # net_params_*.pkl, to evaluate/profile the released student
 
     def validate(self, path: str) -> None:
-        for name in ("sd21_base", "osediff", "ram", "dape", "half_decoder", "adcsr_net_params"):
+        for name in ("sd21_base", "osediff", "ram", "dape"):
             value = getattr(self, name)
             if value is not None and not Path(value).exists():
                 raise AdcError(f"{path}.{name}: {value} does not exist")
@@ -161,7 +159,7 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
             return str((base_dir / v).resolve())
         return v
 
-    for section, keys in (("models", ("sd21_base", "osediff", "ram", "dape", "half_decoder", "adcsr_net_params")),
+    for section, keys in (("models", ("sd21_base", "osediff", "ram", "dape")),
                           ("data", ("eval_lr", "eval_hr"))):
         sec = raw.get(section)
         if isinstance(sec, dict):

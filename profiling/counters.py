@@ -13,6 +13,7 @@ counters in one table: every :class:`MacReport` names the counter that produced 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import weakref
 from collections import defaultdict
@@ -418,12 +419,20 @@ class MacCounter:
         # Containers that are never called (ModuleList down_blocks, up_blocks) get the sum of
         # their outermost called descendants, so each level of the hierarchy adds up.
         called = dict(tracked)
+        # sorted names: the descendants of "a.b" are one contiguous run starting at "a.b."
+        # (found by bisection: whole pipelines have thousands of modules, a scan each is quadratic)
+        ranked = sorted(called)
         for name in order:
             if not name or name in called:
                 continue
             pre = name + "."
-            desc = [d for d in called if d.startswith(pre)]
-            top = [d for d in desc if not any(d.startswith(o + ".") for o in desc if o != d)]
+            lo = bisect.bisect_left(ranked, pre)
+            hi = lo
+            while hi < len(ranked) and ranked[hi].startswith(pre):
+                hi += 1
+            desc = ranked[lo:hi]
+            inside = set(desc)
+            top = [d for d in desc if not any(a in inside for a in _ancestors(d, len(pre)))]
             if top:
                 agg: dict[str, int] = defaultdict(int)
                 for d in top:
@@ -463,6 +472,11 @@ class MacCounter:
             input_shapes=input_shapes,
             notes=notes,
         )
+
+
+def _ancestors(name: str, start: int) -> list[str]:
+    """Proper prefixes of dotted ``name`` that end at a dot at or after index ``start``."""
+    return [name[:i] for i in range(start, len(name)) if name[i] == "."]
 
 
 def _macs(flops: int) -> int:

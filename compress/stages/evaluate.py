@@ -35,8 +35,8 @@ def run_evaluate_needs(bundle, config: EvaluateConfig) -> list[str]:
     if "teacher" in config.methods:
         needs += bundle.missing_weights("sd21_base", "osediff")
     if "student" in config.methods and bundle.size == "full" and not bundle.has_trained_student():
-        needs.append("a trained student (run pretrain_decoder + distill, or give models.adcsr_net_params "
-                     "and models.half_decoder)")
+        needs.append("a trained student (pretrain_decoder + distill must run first; the released AdcSR is "
+                     "evaluated with python -m compress.sr + python -m compress.evaluate)")
     return sorted(set(needs))
 
 

@@ -84,10 +84,11 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
     if "profile" in art:
         p = art["profile"]
         lat_dev = p["latency_device"]
+        timing = (f"Latency: best median of 2 alternating rounds on `{lat_dev}` ({p['dtype']}, "
+                  f"{p['latency']['teacher']['device_name']})." if p["latency"] else
+                  "Latency: not measured (full size on a CPU; see reports/complexity.md and profiling/gpu_bench.sh).")
         lines += ["## Complexity: teacher vs student", "",
-                  f"Params and MACs: {p['counter']}, fp32, LR {p['lr_size']} -> SR {p['sr_size']}, batch 1. "
-                  f"Latency: median of repeats on `{lat_dev}` ({p['dtype']})"
-                  + (f", {p['latency']['teacher']['device_name']}" if p["latency"] else ", not measured") + ".", ""]
+                  f"Params and MACs: {p['counter']}, fp32, LR {p['lr_size']} -> SR {p['sr_size']}, batch 1. {timing}", ""]
         rows = []
         for r in p["rows"]:
             rows.append([r["model"], _m(r["params"]), _g(r["macs_conv_linear"]), _g(r["macs_attention"]),

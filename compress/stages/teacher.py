@@ -24,7 +24,7 @@ class TrainTeacherConfig:
     lr: float = 5e-4
     crop: int = 128
     prompt: str = "empty"  # the tiny teacher is conditioned on the fixed empty-prompt embedding
-    engine: dict[str, Any] = field(default_factory=lambda: {"max_steps": 300, "batch_size": 4})
+    engine: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
         from ..recover.engine import EngineConfig
@@ -49,10 +49,10 @@ def run_train_teacher(bundle, config: TrainTeacherConfig, stage_dir: Path) -> di
     recipe = bundle.recipe
     torch.manual_seed(recipe.seed)
     teacher = build_osediff("tiny")
+    # DAPE is not trained here (its tied BERT weights would also clutter the checkpoints): set aside.
+    dape, teacher.prompt_extractor = teacher.prompt_extractor, None
     teacher.requires_grad_(True)
     teacher.text_encoder.requires_grad_(False)
-    if teacher.prompt_extractor is not None:
-        teacher.prompt_extractor.requires_grad_(False)
     with torch.no_grad():
         prompt = teacher.encode_prompt()
     degrade = RealESRGANDegradation(DegradationConfig.from_dict(recipe.data.degradation, "recipe.data.degradation"))
@@ -74,7 +74,9 @@ def run_train_teacher(bundle, config: TrainTeacherConfig, stage_dir: Path) -> di
     engine = EngineConfig.from_dict(config.engine, "stages.train_teacher.engine").with_defaults(
         max_steps=300, batch_size=4, checkpoint_every=100)
     result = train(setup, engine, stage_dir)
+    trained = result.models["teacher"]
+    trained.prompt_extractor = dape
     weights = stage_dir / "teacher.safetensors"
-    save_safetensors({k: v.detach().cpu() for k, v in result.models["teacher"].state_dict().items()}, weights)
+    save_safetensors({k: v.detach().cpu() for k, v in trained.state_dict().items()}, weights)
     return {"weights": str(weights), "steps": result.step, "metrics": str(stage_dir / "metrics.csv"),
             "loss_curve": str(stage_dir / "loss_curve.png"), "steps_per_s": result.summary.get("steps_per_s")}

@@ -1,0 +1,80 @@
+"""The runner end to end on the tiny recipe (few steps), resume, and the no-weights stop."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.recipe import load_recipe
+from compress.run import main, run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+FEW_STEPS = [
+    "stages.train_teacher.engine.max_steps=4", "stages.train_teacher.engine.checkpoint_every=2",
+    "stages.pretrain_decoder.engine.max_steps=3", "stages.pretrain_decoder.engine.checkpoint_every=3",
+    "stages.pretrain_decoder.disc_start=2",
+    "stages.distill.engine.max_steps=3", "stages.distill.engine.checkpoint_every=3",
+    "stages.evaluate.limit=1", "stages.profile.repeats=1", "stages.profile.warmup=0",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()
+    try:
+        result = run_recipe(load_recipe(ROOT / "recipes" / "adcsr-tiny.yaml", FEW_STEPS), out, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    return out, result
+
+
+def test_tiny_recipe_runs_every_stage_and_writes_the_report(tiny_run):
+    out, result = tiny_run
+    assert result["done"] == ["train_teacher", "analyse", "remove", "prune", "pretrain_decoder", "distill",
+                              "evaluate", "profile", "report"]
+    assert not result["skipped"]
+    report = (out / "report.md").read_text()
+    for section in ("## Analysis of the teacher", "## Prune", "## Complexity: teacher vs student",
+                    "## Quality on held-out pairs", "## Training"):
+        assert section in report
+    assert (out / "report.csv").is_file() and (out / "report.png").is_file()
+    profile = json.loads(next(out.glob("*-profile/DONE.json")).read_text())["artifacts"]
+    assert profile["ratios"]["params"] < 0.35 and profile["ratios"]["macs_total"] < 0.3
+    evaluate = json.loads(next(out.glob("*-evaluate/DONE.json")).read_text())["artifacts"]
+    assert set(evaluate["means"]) == {"bicubic", "teacher", "student"}
+
+
+def test_the_run_directory_is_a_model_for_compress_sr(tiny_run):
+    from compress.sr import load_sr_model
+    from compress.zoo.adcsr import build_adcsr
+
+    out, _ = tiny_run
+    model = load_sr_model(out, "tiny", "cpu", log=lambda m: None)
+    reference = build_adcsr("tiny")  # the zoo's AdcSR student: same parameter names and shapes
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert model(torch.rand(1, 3, 32, 32) * 2 - 1).shape == (1, 3, 128, 128)
+
+
+def test_resume_skips_finished_stages(tiny_run, capsys):
+    out, _ = tiny_run
+    args = [str(ROOT / "recipes" / "adcsr-tiny.yaml"), "--out", str(out), "--resume"] + \
+        [a for s in FEW_STEPS for a in ("--set", s)]
+    threads = torch.get_num_threads()
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert printed.count("done before, skipped (--resume)") == 9
+
+
+def test_resume_refuses_a_changed_recipe(tiny_run):
+    out, _ = tiny_run
+    proc = subprocess.run([sys.executable, "-m", "compress.run", str(ROOT / "recipes" / "adcsr-tiny.yaml"),
+                           "--out", str(out), "--resume", "--set", "seed=7"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "recipe changed" in proc.stderr and "Traceback" not in proc.stderr
