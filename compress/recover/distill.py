@@ -1,0 +1,574 @@
+"""Stage 2: adversarial distillation of a compressed student from a frozen teacher.
+
+General part: a :class:`DistillBundle` names a trainable ``student``, a frozen ``teacher``,
+a list of :class:`FeaturePair` ``(student_layer, teacher_layer, loss)`` -- a layer is a module
+name whose output is captured with a forward hook ("" = the module's output) or a callable on
+the output -- and optionally a discriminator judging one student feature against "real" samples
+from a frozen ``real`` module. ``make_inputs(batch, device)`` turns a data batch into the
+inputs of each model (e.g. synthesises the LR). Nothing here knows about AdcSR, so an
+S3Diff-derived student reuses it with its own bundle.
+
+    loss_G = sum_k w_k * loss_k(student_k, teacher_k) + adv_weight * g_loss(D(fake))
+    loss_D = d_loss(D(real), D(fake.detach()))
+
+AdcSR instance (:func:`adcsr_bundle`, verified against the official ``train.py``):
+
+* student: ``AdcSR.features(lr)`` = pruned UNet + trainable decoder ``mid_block``;
+* teacher target: OSEDiff one-step x0 latent -> / scaling -> ``vae.post_quant_conv`` ->
+  frozen stage-1 decoder ``conv_in`` -> frozen decoder ``mid_block``;
+* real samples for D: HR -> VAE encoder latent mean (no scaling) -> ``post_quant_conv`` ->
+  the same ``conv_in`` -> ``mid_block``;
+* D: a copy of the SD UNet with a new ``conv_in`` (feature channels -> UNet width, the old
+  weight repeated along the inputs / repeat count) and rank-4 LoRA (OSEDiff's three adapters),
+  trained with ``conv_in``; run at t = 999 with a prompt embedding; its raw output is the
+  per-location logits, mean-reduced;
+* non-saturating losses: ``softplus(-D(fake))`` for G, ``softplus(D(fake)) + softplus(-D(real))``
+  for D; G Adam 1e-4 with step decay (x0.5 at 100 K of 200 K), D Adam 1e-6;
+* LR synthesised from HR crops with the Real-ESRGAN degradation, seeded per item (epoch, index)
+  so runs are reproducible, resumable and independent of the process count. AdcSR's
+  1200-pair shuffling pool is not used (it would tie an item's LR to the batches before it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..config import from_dict, to_dict
+from ..errors import AdcError
+from ..io import atomic_torch_save, atomic_write_json, save_safetensors
+from .decoder_pretrain import discriminator_loss, generator_adv_loss, hr_crops
+from .engine import EngineConfig, StepContext, TrainSetup, frozen_parameters, process_state, item_seed, train, upcast
+
+Layer = str | Callable[[Any], torch.Tensor]
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "l1": lambda s, t: (s - t).abs().mean(),
+    "mse": lambda s, t: (s - t).pow(2).mean(),
+    "smooth_l1": lambda s, t: F.smooth_l1_loss(s, t),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# General distillation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FeaturePair:
+    """One distillation term: ``weight * loss(student_layer, teacher_layer)``.
+
+    A layer is a module name inside the student / teacher module (its forward output is
+    captured by a hook; a tuple output gives its first element), ``""`` for the module's own
+    output, or a callable applied to that output.
+    """
+
+    student: Layer
+    teacher: Layer
+    loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "l1"
+    weight: float = 1.0
+    name: str = "feat"
+
+    def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        if callable(self.loss):
+            return self.loss
+        if self.loss not in LOSSES:
+            raise AdcError(f"feature pair {self.name!r}: loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        return LOSSES[self.loss]
+
+
+@contextlib.contextmanager
+def capture(module: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks on the named submodules of ``module``; yields {name: output} as they run."""
+    out: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in dict.fromkeys(n for n in names if n):
+        try:
+            sub = module.get_submodule(name)
+        except AttributeError:
+            raise AdcError(f"no submodule {name!r} in {type(module).__name__} to take features from") from None
+
+        def hook(_m, _inp, output, name=name):
+            out[name] = output[0] if isinstance(output, (tuple, list)) else output
+
+        handles.append(sub.register_forward_hook(hook))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pick(layer: Layer, output: Any, captured: Mapping[str, torch.Tensor], side: str) -> torch.Tensor:
+    if callable(layer):
+        return layer(output)
+    if layer == "":
+        return output
+    if layer not in captured:
+        raise AdcError(f"{side} layer {layer!r} did not run in the forward pass")
+    return captured[layer]
+
+
+def call(module: nn.Module, arg: Any) -> Any:
+    """Call with a dict as keywords, a tuple as positional arguments, anything else as one argument."""
+    if isinstance(arg, Mapping):
+        return module(**arg)
+    if isinstance(arg, tuple):
+        return module(*arg)
+    return module(arg)
+
+
+@dataclass
+class DistillBundle:
+    """Everything stage 2 needs, for any student/teacher family.
+
+    ``make_inputs(batch, device) -> {"student": ..., "teacher": ..., "real": ..., "disc": {...}}``
+    (no gradients; ``batch`` is a data batch with ``epoch``/``index`` per item for seeding).
+    ``discriminator(fake_or_real, **inputs["disc"]) -> logits``; its trainable parameters are
+    the ones with ``requires_grad``. ``adv_on``: the student layer D judges (default: the
+    student side of the first pair). ``export(student, run_dir) -> {name: path}`` writes the
+    trained student in the family's formats (main process only).
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+    pairs: list[FeaturePair]
+    make_inputs: Callable[[dict, torch.device], dict]
+    discriminator: nn.Module | None = None
+    real: nn.Module | None = None
+    adv_on: Layer | None = None
+    frozen: dict[str, nn.Module] = field(default_factory=dict)
+    export: Callable[[nn.Module, Path], dict[str, str]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.pairs:
+            raise AdcError("distill: at least one feature pair is needed")
+        names = [p.name for p in self.pairs]
+        if len(set(names)) != len(names):
+            raise AdcError(f"distill: feature pair names must be unique, got {names}")
+        if (self.discriminator is None) != (self.real is None):
+            raise AdcError("distill: the discriminator needs a 'real' feature module and vice versa")
+
+
+@dataclass
+class DistillConfig:
+    """Stage-2 settings; defaults are AdcSR's ``train.py`` (steps, batch and decay in engine/here)."""
+
+    train_hr: list[Path] = field(default_factory=list)
+    crop: int = 512
+    hflip: bool = True
+    lr_g: float = 1e-4
+    betas_g: tuple[float, float] = (0.9, 0.999)
+    lr_milestones: list[int] = field(default_factory=lambda: [100_000])
+    lr_gamma: float = 0.5
+    lr_d: float = 1e-6
+    betas_d: tuple[float, float] = (0.9, 0.999)
+    feature_loss: Literal["l1", "mse", "smooth_l1"] = "l1"
+    feature_weight: float = 1.0
+    adv_weight: float = 1.0                    # 0 = no discriminator
+    adv_loss: Literal["non_saturating", "hinge"] = "non_saturating"
+    adv_start: int = 1                         # first step with the adversarial terms
+    prompt: Literal["dape", "fixed", "empty"] = "dape"
+    prompt_text: str = ""                      # for prompt: fixed (needs the teacher's tokenizer)
+    lora_rank: int = 4
+    degradation: dict[str, Any] = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    ENGINE_DEFAULTS = {"max_steps": 200_000, "batch_size": 96, "checkpoint_every": 10_000}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, path: str = "distill") -> "DistillConfig":
+        return from_dict(cls, dict(d or {}), path)
+
+    def validate(self, path: str) -> None:
+        if self.crop < 16 or self.crop % 16:
+            raise AdcError(f"{path}.crop: expected a positive multiple of 16 (LR = crop/4 must divide by 4), got {self.crop}")
+        for name in ("lr_g", "lr_d", "lr_gamma"):
+            if not getattr(self, name) > 0:
+                raise AdcError(f"{path}.{name}: expected a positive number, got {getattr(self, name)}")
+        for name in ("feature_weight", "adv_weight"):
+            if getattr(self, name) < 0:
+                raise AdcError(f"{path}.{name}: expected >= 0, got {getattr(self, name)}")
+        if any(m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(self.lr_milestones):
+            raise AdcError(f"{path}.lr_milestones: expected increasing positive steps, got {self.lr_milestones}")
+        if self.lora_rank < 1:
+            raise AdcError(f"{path}.lora_rank: expected a positive integer, got {self.lora_rank}")
+        if self.prompt == "fixed" and not self.prompt_text:
+            raise AdcError(f"{path}.prompt_text: prompt 'fixed' needs the text to embed")
+        from ..data import DegradationConfig
+
+        DegradationConfig.from_dict(self.degradation, f"{path}.degradation")
+        self.engine.validate(f"{path}.engine")
+
+    def degradation_config(self):
+        from ..data import DegradationConfig
+
+        return DegradationConfig.from_dict({"gt_size": self.crop, **self.degradation}, "distill.degradation")
+
+
+def build_setup(bundle: DistillBundle, config: DistillConfig, dataset: Dataset) -> TrainSetup:
+    """The engine's view of a bundle: optimisers, schedulers, loss terms and the step."""
+    student = bundle.student.train()
+    if not any(p.requires_grad for p in student.parameters()):
+        raise AdcError("distill: the student has no trainable parameters")
+    bundle.teacher.eval().requires_grad_(False)
+    use_adv = bundle.discriminator is not None and config.adv_weight > 0
+    opt_g = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr_g,
+                             betas=config.betas_g)
+    trainable = {"student": student}
+    optimizers: dict[str, torch.optim.Optimizer] = {"student": opt_g}
+    schedulers = {"student": torch.optim.lr_scheduler.MultiStepLR(opt_g, list(config.lr_milestones), config.lr_gamma)}
+    losses = {"student": [p.name for p in bundle.pairs] + (["adv_g"] if use_adv else [])}
+    frozen = {"teacher": bundle.teacher, **bundle.frozen}
+    if use_adv:
+        disc = bundle.discriminator.train()
+        d_params = [p for p in disc.parameters() if p.requires_grad]
+        if not d_params:
+            raise AdcError("distill: the discriminator has no trainable parameters")
+        trainable["discriminator"] = disc
+        optimizers["discriminator"] = torch.optim.Adam(d_params, lr=config.lr_d, betas=config.betas_d)
+        losses["discriminator"] = ["d_real", "d_fake"]
+        frozen["real"] = bundle.real.eval().requires_grad_(False)
+    weights = {p.name: p.weight for p in bundle.pairs} | {"adv_g": config.adv_weight}
+    loss_fns = {p.name: p.loss_fn() for p in bundle.pairs}
+    adv_on = bundle.adv_on if bundle.adv_on is not None else bundle.pairs[0].student
+    s_names = [p.student for p in bundle.pairs if isinstance(p.student, str)] + ([adv_on] if isinstance(adv_on, str) else [])
+    t_names = [p.teacher for p in bundle.pairs if isinstance(p.teacher, str)]
+
+    def step_fn(ctx: StepContext, batch: dict) -> None:
+        with torch.no_grad():
+            inputs = bundle.make_inputs(batch, ctx.device)
+        gan_on = use_adv and ctx.step >= config.adv_start
+        with ctx.autocast():
+            with torch.no_grad(), capture(bundle.teacher, t_names) as t_cap:
+                t_out = call(bundle.teacher, inputs["teacher"])
+            with capture(ctx.unwrap("student"), s_names) as s_cap:
+                s_out = call(ctx.model("student"), inputs["student"])
+            terms = {}
+            for p in bundle.pairs:
+                s = upcast(pick(p.student, s_out, s_cap, "student"))
+                t = upcast(pick(p.teacher, t_out, t_cap, "teacher")).to(s.dtype)
+                if s.shape != t.shape:
+                    raise AdcError(f"feature pair {p.name!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+                terms[p.name] = loss_fns[p.name](s, t)
+            fake = pick(adv_on, s_out, s_cap, "student") if use_adv else None
+            if use_adv:
+                if gan_on:
+                    d = ctx.unwrap("discriminator")
+                    with frozen_parameters(d):
+                        terms["adv_g"] = generator_adv_loss(upcast(call_disc(d, fake, inputs)), config.adv_loss)
+                else:
+                    terms["adv_g"] = upcast(fake.new_zeros(()))
+        ctx.optimize("student", terms, weights)
+        if gan_on:
+            with ctx.autocast():
+                with torch.no_grad():
+                    real = call(ctx.frozen("real"), inputs["real"])
+                both = torch.cat([real.to(fake.dtype), fake.detach()])
+                logits = upcast(call_disc(ctx.model("discriminator"), both, inputs, repeat=2))
+                l_real, l_fake = logits.chunk(2)
+                if config.adv_loss == "hinge":
+                    d_terms = {"d_real": F.relu(1 - l_real).mean(), "d_fake": F.relu(1 + l_fake).mean()}
+                else:
+                    d_terms = {"d_real": F.softplus(-l_real).mean(), "d_fake": F.softplus(l_fake).mean()}
+            ctx.optimize("discriminator", d_terms)
+
+    return TrainSetup(name="distill", trainable=trainable, optimizers=optimizers, losses=losses, step_fn=step_fn,
+                      dataset=dataset, schedulers=schedulers, frozen=frozen)
+
+
+def call_disc(disc: nn.Module, x: torch.Tensor, inputs: Mapping[str, Any], repeat: int = 1) -> torch.Tensor:
+    """D(x, **inputs["disc"]); batch-shaped keyword tensors are repeated for a [real; fake] batch."""
+    kwargs = dict(inputs.get("disc") or {})
+    if repeat > 1:
+        kwargs = {k: torch.cat([v] * repeat) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    return disc(x, **kwargs)
+
+
+def run_stage(bundle: DistillBundle, config: DistillConfig, run_dir: str | Path, dataset: Dataset | None = None,
+              log=print) -> dict[str, Any]:
+    """Distil; write the student (``student.safetensors`` + the bundle's own exports) in ``run_dir``.
+
+    ``dataset`` overrides ``config.train_hr`` (items: HR 3xHxW in [0, 1]). Every process of an
+    ``accelerate launch`` calls this; the main one writes the files.
+    """
+    run_dir = Path(run_dir)
+    config.validate("distill")
+    engine = config.engine.with_defaults(**DistillConfig.ENGINE_DEFAULTS)
+    if dataset is None:
+        dataset = hr_crops(list(config.train_hr), config.crop, config.hflip, engine.seed)
+    setup = build_setup(bundle, config, dataset)
+    state = process_state(engine)
+    is_main = state.is_main_process
+    if is_main:
+        for note in bundle.notes:
+            log(f"[distill] {note}")
+    result = train(setup, engine, run_dir, log=log)
+    student = result.models["student"]
+    artifacts: dict[str, Any] = {
+        "student": str(run_dir / "student.safetensors"),
+        "metrics": str(run_dir / "metrics.csv"),
+        "loss_curve": str(run_dir / "loss_curve.png"),
+        "summary": str(run_dir / "summary.json"),
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "steps": result.step,
+        "steps_per_s": result.summary["steps_per_s"],
+        "peak_memory_mib": result.summary["peak_memory_mib"],
+    }
+    if is_main:
+        save_safetensors({k: v.detach().cpu() for k, v in student.state_dict().items()}, artifacts["student"],
+                         metadata={"stage": "distill"})
+        if "discriminator" in result.models:
+            d_state = {k: v.detach().cpu() for k, v in result.models["discriminator"].named_parameters() if v.requires_grad}
+            save_safetensors(d_state, run_dir / "discriminator_trainable.safetensors", metadata={"stage": "distill"})
+            artifacts["discriminator"] = str(run_dir / "discriminator_trainable.safetensors")
+        if bundle.export is not None:
+            artifacts.update(bundle.export(student, run_dir))
+        atomic_write_json(run_dir / "config.json", to_dict(config))
+    state.wait_for_everyone()
+    return artifacts
+
+
+# --------------------------------------------------------------------------------------------
+# The AdcSR instance
+# --------------------------------------------------------------------------------------------
+class UNetDiscriminator(nn.Module):
+    """AdcSR's D: an SD UNet with a wider ``conv_in`` and LoRA, at a fixed timestep, text-conditioned.
+
+    Input: features (B, C, h, w); output: the UNet's raw (B, 4, h, w) prediction, used as
+    per-location logits.
+    """
+
+    def __init__(self, unet: nn.Module, timestep: int = 999):
+        super().__init__()
+        self.unet = unet
+        self.timestep = int(timestep)
+
+    def forward(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        t = torch.full((x.shape[0],), self.timestep, device=x.device, dtype=torch.long)
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states.to(x.dtype)).sample
+
+
+def make_unet_discriminator(unet: nn.Module, in_channels: int, rank: int = 4, timestep: int = 999,
+                            seed: int = 0) -> UNetDiscriminator:
+    """Copy ``unet`` (a plain SD UNet), widen its ``conv_in`` to ``in_channels`` and add LoRA.
+
+    The new ``conv_in`` weight is the old one repeated ``in_channels / old_in`` times along the
+    input axis and divided by that factor (so a feature map of repeated latents gives the old
+    response); the bias is kept. LoRA: rank ``rank``, gaussian init, OSEDiff's three adapters
+    (``conv_in`` is in the encoder adapter). Trainable: LoRA + ``conv_in``, nothing else.
+    """
+    from peft import LoraConfig
+
+    from ..zoo.lora import lora_layers
+    from ..zoo.osediff import UNET_ADAPTERS, unet_lora_targets
+
+    if lora_layers(unet):
+        raise AdcError("make_unet_discriminator: pass the plain SD UNet (this one carries LoRA layers; "
+                       "AdcSR's D starts from SD 2.1-base, not from the teacher)")
+    d = copy.deepcopy(unet)
+    old = d.conv_in
+    if in_channels % old.in_channels:
+        raise AdcError(f"discriminator conv_in: {in_channels} feature channels are not a multiple of the "
+                       f"UNet's {old.in_channels} input channels")
+    rep = in_channels // old.in_channels
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight.repeat(1, rep, 1, 1) / rep)
+        new.bias.copy_(old.bias)
+    d.conv_in = new
+    if hasattr(d, "register_to_config"):
+        d.register_to_config(in_channels=in_channels)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # three adapters is the point
+        torch.manual_seed(seed)
+        targets = unet_lora_targets(d)
+        for name in UNET_ADAPTERS:
+            d.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=targets[name]),
+                          adapter_name=name)
+    d.set_adapter(list(UNET_ADAPTERS))
+    d.requires_grad_(False)
+    for n, p in d.named_parameters():
+        if "lora_" in n or n.startswith("conv_in."):
+            p.requires_grad_(True)
+    return UNetDiscriminator(d, timestep)
+
+
+class AdcSRStudentFeatures(nn.Module):
+    """The trained part of AdcSR (``Net`` in the official code): LR [-1,1] -> decoder mid-block
+    features. Holds the whole model so the export has the (frozen) up path too."""
+
+    def __init__(self, adcsr: nn.Module):
+        super().__init__()
+        self.adcsr = adcsr
+        adcsr.up.requires_grad_(False)
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.adcsr.features(lr)
+
+
+class DecoderFeatures(nn.Module):
+    """Frozen: ``post_quant_conv`` output -> stage-1 decoder ``conv_in`` -> ``mid_block``."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.conv_in = decoder.conv_in
+        self.mid_block = decoder.mid_block
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mid_block(self.conv_in(z), None)
+
+
+class AdcSRTeacherFeatures(nn.Module):
+    """Frozen teacher path: LR [-1,1] -> OSEDiff x0 latent -> /scaling -> post_quant_conv -> decoder features."""
+
+    def __init__(self, teacher: nn.Module, decoder_features: DecoderFeatures):
+        super().__init__()
+        self.teacher = teacher
+        self.decoder = decoder_features
+
+    def latent(self, lr: torch.Tensor, prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.teacher.teacher_latent(lr, prompt_embeds)
+
+    def forward(self, lr: torch.Tensor, prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x0 = self.latent(lr, prompt_embeds)
+        return self.decoder(self.teacher.vae.post_quant_conv(x0 / self.teacher.scaling_factor))
+
+
+class GroundTruthFeatures(nn.Module):
+    """Frozen real path for D: HR [-1,1] -> VAE encoder latent mean (unscaled) -> post_quant_conv -> decoder features."""
+
+    def __init__(self, vae: nn.Module, decoder_features: DecoderFeatures):
+        super().__init__()
+        self.vae = vae
+        self.decoder = decoder_features
+
+    def forward(self, hr: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(hr).latent_dist.mean
+        return self.decoder(self.vae.post_quant_conv(z))
+
+
+class PromptEmbeddings:
+    """Where D's text condition comes from: ``dape`` (the teacher's DAPE tag prompt of each LR),
+    ``fixed`` (one text), ``empty`` (the empty prompt). Fixed and empty are embedded once."""
+
+    def __init__(self, teacher: nn.Module, source: str, text: str = ""):
+        self.teacher, self.source = teacher, source
+        self._fixed: torch.Tensor | None = None
+        self.note = ""
+        if source == "dape":
+            ready = all(getattr(teacher, a, None) is not None for a in ("tokenizer", "tag_list", "prompt_extractor"))
+            if not ready:
+                self.note = ("prompt 'dape': the teacher has no tokenizer/tag list/prompt extractor, so its "
+                             "encode_prompt falls back to the empty prompt")
+        elif source == "fixed":
+            self._text = text
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        b = lr.shape[0]
+        if self.source == "dape":
+            emb = self.teacher.encode_prompt(lr=lr)
+        else:
+            if self._fixed is None:
+                from ..zoo.osediff import empty_prompt_ids
+
+                self._fixed = (self.teacher.encode_prompt(prompts=[self._text]) if self.source == "fixed"
+                               else self.teacher.encode_prompt(token_ids=empty_prompt_ids()))
+            emb = self._fixed
+        emb = emb.to(lr.device)
+        return emb.expand(b, -1, -1) if emb.shape[0] == 1 and b > 1 else emb
+
+
+def degrade_items(degradation, hr: torch.Tensor, batch: Mapping[str, Any], seed: int) -> torch.Tensor:
+    """LR for each HR item from its own generator (seeded by epoch and dataset index): the LR of an
+    item never depends on its batch neighbours, the process count or a resume."""
+    epochs, indices = batch["epoch"].tolist(), batch["index"].tolist()
+    out = []
+    for i in range(hr.shape[0]):
+        g = torch.Generator().manual_seed(item_seed(seed, epochs[i], indices[i], tag=1))
+        out.append(degradation(hr[i:i + 1], generator=g))
+    return torch.cat(out)
+
+
+def adcsr_bundle(student: nn.Module, teacher: nn.Module, decoder: nn.Module, disc_unet: nn.Module | None,
+                 config: DistillConfig, gt_vae: nn.Module | None = None, init_student_decoder: bool = True) -> DistillBundle:
+    """AdcSR's stage 2 as a :class:`DistillBundle`.
+
+    ``student``: an :class:`~compress.zoo.adcsr.AdcSR` (pruned UNet initialised by the caller).
+    ``teacher``: an :class:`~compress.zoo.osediff.OSEDiff` (or anything with ``teacher_latent``,
+    ``vae``, ``scaling_factor``, ``encode_prompt``). ``decoder``: the stage-1 half decoder
+    (frozen here; its ``conv_in`` + ``mid_block`` make the targets; with ``init_student_decoder``
+    its ``mid_block`` and up path are copied into the student, as the official ``Net`` is built
+    from a copy of it). ``disc_unet``: the plain SD UNet D starts from (None: no adversarial
+    term). ``gt_vae``: the VAE of the real path; the official code uses the stock SD 2.1 VAE,
+    whose encoder differs from OSEDiff's LoRA-tuned one -- pass it; None = the teacher's VAE.
+    """
+    from ..data import RealESRGANDegradation
+
+    lr_side = config.crop // config.degradation_config().scale
+    if lr_side % student.config.pad_multiple:
+        raise AdcError(f"distill.crop: {config.crop} gives {lr_side}-pixel LR crops; the AdcSR student needs LR sides "
+                       f"divisible by {student.config.pad_multiple} (crop divisible by "
+                       f"{student.config.pad_multiple * config.degradation_config().scale})")
+    if init_student_decoder:
+        student.mid_block.load_state_dict(decoder.mid_block.state_dict())
+        student.up.load_state_dict({k: v for k, v in decoder.state_dict().items()
+                                    if k.split(".")[0] in ("up_blocks", "conv_norm_out", "conv_out")})
+    student.requires_grad_(True)
+    feats = DecoderFeatures(copy.deepcopy(decoder)).eval().requires_grad_(False)
+    teacher_module = AdcSRTeacherFeatures(teacher, feats).eval().requires_grad_(False)
+    degradation = RealESRGANDegradation(config.degradation_config())
+    prompts = PromptEmbeddings(teacher, config.prompt, config.prompt_text)
+    use_adv = disc_unet is not None and config.adv_weight > 0
+    disc = real = None
+    if use_adv:
+        c = student.config.feature_channels
+        disc = make_unet_discriminator(disc_unet, c, config.lora_rank, teacher.timestep if hasattr(teacher, "timestep") else 999,
+                                       seed=config.engine.seed + 2)
+        real = GroundTruthFeatures(gt_vae if gt_vae is not None else teacher.vae, feats).eval().requires_grad_(False)
+    seed = config.engine.seed
+    dtype = next(student.parameters()).dtype  # fp32 normally (autocast does the rest); fp64 in exactness tests
+
+    def make_inputs(batch: dict, device: torch.device) -> dict:
+        hr01 = batch["data"].float()
+        lr01 = degrade_items(degradation, hr01, batch, seed)
+        lr, hr = (lr01 * 2 - 1).to(dtype), (hr01 * 2 - 1).to(dtype)
+        emb = prompts(lr) if (use_adv or config.prompt == "dape") else None
+        emb = emb.to(dtype) if emb is not None else None
+        teacher_emb = emb if config.prompt == "dape" else None  # the teacher keeps its own DAPE prompt otherwise
+        return {"student": lr, "teacher": {"lr": lr, "prompt_embeds": teacher_emb}, "real": hr,
+                "disc": {"encoder_hidden_states": emb} if use_adv else {}, "lr01": lr01}
+
+    def export(trained: nn.Module, run_dir: Path) -> dict[str, str]:
+        from ..zoo.adcsr import official_state_dicts
+
+        model = trained.adcsr
+        net, half = official_state_dicts(model, {k: v.detach().cpu() for k, v in feats.conv_in.state_dict().items()})
+        save_safetensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / "adcsr.safetensors",
+                         metadata={"format": "compress.zoo.adcsr.AdcSR"})
+        atomic_torch_save(net, run_dir / "net_params.pkl")
+        atomic_torch_save(half, run_dir / "halfDecoder.ckpt")
+        return {"adcsr": str(run_dir / "adcsr.safetensors"), "net_params": str(run_dir / "net_params.pkl"),
+                "half_decoder": str(run_dir / "halfDecoder.ckpt")}
+
+    notes = [n for n in (prompts.note,) if n and (use_adv or config.prompt == "dape")]
+    if use_adv and gt_vae is None:
+        notes.append("real path uses the teacher's VAE encoder (the official code uses the stock SD VAE: pass gt_vae)")
+    return DistillBundle(
+        student=AdcSRStudentFeatures(student), teacher=teacher_module,
+        pairs=[FeaturePair("adcsr.mid_block", "decoder.mid_block", config.feature_loss, config.feature_weight, "feat_l1"
+                           if config.feature_loss == "l1" else f"feat_{config.feature_loss}")],
+        make_inputs=make_inputs, discriminator=disc, real=real, adv_on="", export=export, notes=notes)
+
+
+__all__ = ["FeaturePair", "DistillBundle", "DistillConfig", "build_setup", "run_stage", "capture", "pick",
+           "UNetDiscriminator", "make_unet_discriminator", "AdcSRStudentFeatures", "AdcSRTeacherFeatures",
+           "GroundTruthFeatures", "DecoderFeatures", "PromptEmbeddings", "degrade_items", "adcsr_bundle", "LOSSES"]

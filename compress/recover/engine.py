@@ -1,0 +1,682 @@
+"""A small, reusable training loop on ``accelerate``, shared by the recovery stages.
+
+Why our own loop: both recovery stages (decoder pre-training, adversarial distillation) need
+the same things and none of them is optional at 200 K steps on 8 GPUs: mixed precision,
+gradient accumulation, DDP over any number of processes or nodes (``accelerate launch``),
+checkpoints that survive ``kill -9`` and resume to *bit-identical* weights, a NaN guard that
+stops at once, and a metrics CSV + loss curve per stage.
+
+How a stage uses it: build the models and optimisers, describe them in a :class:`TrainSetup`
+with a ``step_fn(ctx, batch)`` that computes losses and calls ``ctx.optimize(...)``, and call
+:func:`train`. Everything random inside the loop must come from the batch (each item carries
+its ``epoch`` and ``index``: :func:`item_seed`), never from the global RNG or the process
+rank; that is what makes a 2-process run equal a 1-process run with the same global batch,
+and a resumed run equal an uninterrupted one.
+
+Data position: items are drawn from an endless stream of per-epoch seeded permutations of the
+dataset; global step ``s`` reads stream positions ``[s*G, (s+1)*G)`` (``G`` = global batch),
+split between processes and accumulation micro-batches. A checkpoint stores the step and the
+position, so resuming needs no skipped batches and no sampler state.
+
+Multi-node: ``run_dir`` must be on a file system all nodes share (as ``accelerate.save_state``
+assumes): every process writes its RNG state into the checkpoint, the main process renames it.
+
+Run directory (one per stage)::
+
+    checkpoints/step-00001000/   accelerate state (models, optimisers, schedulers, scaler, RNG)
+                                 + trainer_state.json (step, data position); written to a
+                                 .tmp-* folder and renamed, so a listed checkpoint is complete
+    metrics.csv                  step, each loss term (mean since the previous row, over all
+                                 processes), lr per optimiser, steps/s
+    loss_curve.png               the loss terms against the step
+    summary.json                 steps/s, peak memory, device, precision, processes, batch
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..config import check_range, from_dict
+from ..errors import AdcError
+from ..io import atomic_path, atomic_write_json
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.csv"
+CURVE_FILE = "loss_curve.png"
+SUMMARY_FILE = "summary.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EngineConfig:
+    """How to train (not what): steps, batch, precision, checkpoints, logging.
+
+    ``batch_size`` is the *global* batch per optimiser step (all processes x accumulation);
+    it must divide by ``num_processes * gradient_accumulation_steps``. ``max_steps``,
+    ``batch_size`` and ``checkpoint_every`` left unset take the stage's defaults
+    (:meth:`with_defaults`). ``mixed_precision="auto"``: bf16 on a GPU, none on a CPU; fp16
+    needs a GPU (accelerate adds the GradScaler; AdcSR's fp16 overflows in places, hence bf16).
+    """
+
+    max_steps: int | None = None
+    batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    cpu: bool = False
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    resume: bool = True
+    log_every: int = 10
+    num_workers: int = 0
+    max_grad_norm: float = 0.0          # 0 = no clipping
+    find_unused_parameters: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, path: str = "engine") -> "EngineConfig":
+        return from_dict(cls, dict(d or {}), path)
+
+    def with_defaults(self, **defaults: Any) -> "EngineConfig":
+        """A copy with the unset (None) fields taken from ``defaults``."""
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def validate(self, path: str) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AdcError(f"{path}.{name}: expected a positive integer, got {value}")
+        if self.num_workers < 0:
+            raise AdcError(f"{path}.num_workers: expected >= 0, got {self.num_workers}")
+        check_range(self.max_grad_norm, 0.0, math.inf, f"{path}.max_grad_norm")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+class NonFiniteLossError(AdcError):
+    """A loss term became NaN or inf: training stopped before the step was applied."""
+
+    def __init__(self, step: int, term: str, value: float | None, checkpoint: Path | None):
+        self.step, self.term, self.value, self.checkpoint = step, term, value, checkpoint
+        what = "not finite on another process" if value is None else f"{value}"
+        kept = f"last good checkpoint kept: {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        super().__init__(f"step {step}: loss term '{term}' is {what}; training stopped ({kept})")
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic data stream
+# --------------------------------------------------------------------------------------------
+def item_seed(seed: int, epoch: int, index: int, tag: int = 0) -> int:
+    """A 63-bit seed for one item's randomness (degradation, noise): independent of the
+    process count and of resuming, because it depends only on what the item is."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index), int(tag)])
+    return int(ss.generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+class StreamSampler(Sampler):
+    """Endless ``(epoch, index)`` keys for one process, from global stream position ``start``.
+
+    The stream is the concatenation of per-epoch permutations (seeded by ``seed`` and the epoch);
+    micro-batch ``m`` covers positions ``start + m*L*P + p*L + [0, L)`` for process ``p`` of ``P``.
+    """
+
+    def __init__(self, size: int, seed: int, start: int, local_batch: int, num_processes: int = 1,
+                 process_index: int = 0, shuffle: bool = True):
+        if size < 1:
+            raise AdcError("the training dataset is empty")
+        self.size, self.seed, self.start = int(size), int(seed), int(start)
+        self.local_batch, self.num_processes, self.process_index = int(local_batch), int(num_processes), int(process_index)
+        self.shuffle = shuffle
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.size)
+        return np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, epoch, 0x5EED])).permutation(self.size)
+
+    def key(self, position: int, cache: dict) -> tuple[int, int]:
+        epoch, offset = divmod(position, self.size)
+        if cache.get("epoch") != epoch:
+            cache["epoch"], cache["perm"] = epoch, self.permutation(epoch)
+        return epoch, int(cache["perm"][offset])
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        cache: dict = {}
+        q = self.start + self.process_index * self.local_batch
+        stride = self.local_batch * self.num_processes
+        while True:
+            for j in range(self.local_batch):
+                yield self.key(q + j, cache)
+            q += stride
+
+    def __len__(self) -> int:  # endless; DataLoader only needs a number for its own bookkeeping
+        return 2**62
+
+
+class KeyedDataset(Dataset):
+    """Wraps a dataset so that item ``(epoch, index)`` is item ``index`` of epoch ``epoch``.
+
+    Datasets with ``set_epoch`` (e.g. :class:`compress.data.HRCropDataset`) get their crops for
+    that epoch. The item comes back as a dict (a non-dict item under ``"data"``) with ``epoch``
+    and ``index`` added, so the step can seed per-item randomness with :func:`item_seed`.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        item = self.dataset[index]
+        item = dict(item) if isinstance(item, Mapping) else {"data": item}
+        item["epoch"], item["index"] = epoch, index
+        return item
+
+
+# --------------------------------------------------------------------------------------------
+# What a stage hands to the engine
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainSetup:
+    """Models, optimisers and the step of one training stage.
+
+    ``trainable``: modules with trainable parameters (wrapped for DDP, saved in checkpoints);
+    frozen parameters inside them are allowed. ``frozen``: modules only moved to the device.
+    ``losses``: the loss-term names each optimiser logs, e.g. ``{"G": ["l1", "adv"], "D": ["d"]}``
+    (fixes the CSV columns and the plot). ``step_fn(ctx, batch)`` runs one micro-batch.
+    """
+
+    name: str
+    trainable: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    losses: dict[str, list[str]]
+    step_fn: Callable[["StepContext", dict], None]
+    dataset: Dataset
+    schedulers: dict[str, Any] = field(default_factory=dict)
+    frozen: dict[str, nn.Module] = field(default_factory=dict)
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if set(self.losses) - set(self.optimizers):
+            raise AdcError(f"{self.name}: loss groups {sorted(set(self.losses) - set(self.optimizers))} have no optimiser")
+        terms = [t for ts in self.losses.values() for t in ts]
+        if len(terms) != len(set(terms)):
+            raise AdcError(f"{self.name}: loss term names must be unique across optimisers, got {terms}")
+
+
+@dataclass
+class TrainResult:
+    models: dict[str, nn.Module]
+    step: int
+    summary: dict[str, Any]
+    run_dir: Path
+    checkpoint: Path | None
+
+
+class StepContext:
+    """What ``step_fn`` sees: prepared models, the device, autocast and :meth:`optimize`."""
+
+    def __init__(self, accelerator, setup: TrainSetup, prepared: dict[str, nn.Module],
+                 optimizers: dict[str, Any], config: EngineConfig, last_checkpoint: Callable[[], Path | None]):
+        self.accelerator = accelerator
+        self.setup = setup
+        self.config = config
+        self._prepared = prepared
+        self._optimizers = optimizers
+        self._last_checkpoint = last_checkpoint
+        self.step = 0           # 1-based optimiser step being computed
+        self.micro = 0          # micro-batch within the step (gradient accumulation)
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._term_group = {t: g for g, ts in setup.losses.items() for t in ts}
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def model(self, name: str) -> nn.Module:
+        """The trainable module as prepared (DDP-wrapped when distributed): call it for training forwards."""
+        return self._prepared[name]
+
+    def unwrap(self, name: str) -> nn.Module:
+        return self.accelerator.unwrap_model(self._prepared[name])
+
+    def frozen(self, name: str) -> nn.Module:
+        return self.setup.frozen[name]
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def optimize(self, optimizer: str, terms: Mapping[str, torch.Tensor],
+                 weights: Mapping[str, float] | None = None) -> torch.Tensor:
+        """Check every term is finite (on all processes), back-propagate the weighted sum and step.
+
+        The optimiser steps (and zeroes its gradients) only on the last micro-batch of a step;
+        accelerate divides the loss by the accumulation count. A non-finite term raises
+        :class:`NonFiniteLossError` *before* anything is applied, so the weights and the last
+        checkpoint stay good.
+        """
+        if optimizer not in self.setup.optimizers:
+            raise AdcError(f"{self.setup.name}: no optimiser named {optimizer!r}")
+        names = list(terms)
+        for n in names:
+            if self._term_group.get(n) != optimizer:
+                raise AdcError(f"{self.setup.name}: loss term {n!r} is not declared for optimiser {optimizer!r}")
+        values = torch.stack([terms[n].detach().double().reshape(()) for n in names])
+        bad = (~torch.isfinite(values)).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bool((bad > 0).any()):
+            i = int(torch.nonzero(bad > 0)[0])
+            local = values[i].item()
+            raise NonFiniteLossError(self.step, names[i], None if math.isfinite(local) else local,
+                                     self._last_checkpoint())
+        weights = weights or {}
+        total = sum(float(weights.get(n, 1.0)) * terms[n] for n in names)
+        self.accelerator.backward(total)
+        opt = self._optimizers[optimizer]
+        if self.config.max_grad_norm > 0 and self.accelerator.sync_gradients:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for n, v in zip(names, values.tolist()):
+            self._sums[n] = self._sums.get(n, 0.0) + v
+            self._counts[n] = self._counts.get(n, 0) + 1
+        return total
+
+    def log(self, name: str, value: float | torch.Tensor) -> None:
+        """Log an extra, undeclared value for this step (not part of the NaN guard)."""
+        v = float(value.detach().float().item() if torch.is_tensor(value) else value)
+        self._sums[name] = self._sums.get(name, 0.0) + v
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def _take_means(self) -> dict[str, float]:
+        out = {k: self._sums[k] / self._counts[k] for k in self._sums}
+        self._sums, self._counts = {}, {}
+        return out
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for losses; fp32 and fp64 are kept (fp64 runs are used for exactness tests)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """Temporarily stop gradients into ``module``'s parameters (e.g. D during the G step),
+    so no gradient is computed for them and no DDP hook fires; restored afterwards."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> int:
+    """Turn on activation checkpointing in every diffusers block of ``module``; return how many.
+
+    diffusers blocks carry a ``gradient_checkpointing`` flag and call
+    ``self._gradient_checkpointing_func``; ``ModelMixin.enable_gradient_checkpointing`` sets
+    both, but AdcSR's condition-free UNet and the bare ``Decoder`` are not ``ModelMixin``s,
+    so set them directly (non-reentrant ``torch.utils.checkpoint``, as diffusers does).
+    """
+    import functools
+
+    import torch.utils.checkpoint as cp
+
+    def fn(block, *args):
+        return cp.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    n = 0
+    for m in module.modules():
+        if isinstance(getattr(m, "gradient_checkpointing", None), bool):
+            m._gradient_checkpointing_func = functools.partial(fn)
+            m.gradient_checkpointing = True
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (renamed into place, with a trainer state), oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise AdcError(f"{checkpoint / STATE_FILE}: unreadable trainer state ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.csv, appended row by row; on resume the rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: int | None):
+        self.path, self.columns = path, columns
+        kept: list[dict] = []
+        if resume_step is not None and path.is_file():
+            with path.open(newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
+        with atomic_path(path) as tmp:
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(kept)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def plot_losses(csv_path: Path, png_path: Path, groups: dict[str, list[str]], title: str) -> Path | None:
+    """The loss curve: one panel per optimiser with its terms (log scale when all positive)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.read_csv(csv_path)
+    if df.empty:
+        return None
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.6), squeeze=False)
+    for ax, (group, terms) in zip(axes[0], groups.items()):
+        for t in terms:
+            s = df[["step", t]].dropna() if t in df else None
+            if s is not None and not s.empty:
+                ax.plot(s["step"], s[t], label=t, lw=1)
+        vals = df[[t for t in terms if t in df]].to_numpy(dtype=float)
+        if vals.size and np.nanmin(vals) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"{title}: {group}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return png_path
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(MiB, what): CUDA max_memory_allocated on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS (CPU)"
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def resolve_mixed_precision(config: EngineConfig, cuda: bool) -> str:
+    if config.mixed_precision == "auto":
+        return "bf16" if cuda else "no"
+    if config.mixed_precision == "fp16" and not cuda:
+        raise AdcError("engine.mixed_precision: fp16 needs a GPU (use bf16 or no on a CPU)")
+    return config.mixed_precision
+
+
+def process_state(config: EngineConfig):
+    """accelerate's per-process state (rank, world size), created with the same CPU/GPU choice as
+    the Accelerator: a bare ``PartialState()`` on a CPU-only machine would ignore torchrun's
+    WORLD_SIZE and pin every process to a 1-process state."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=config.cpu or not torch.cuda.is_available())
+
+
+def make_accelerator(config: EngineConfig):
+    """A fresh Accelerator. accelerate keeps process-wide singletons; they are reset here so
+    that stages run one after another in one process can each choose their own precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    process_state(config)
+    cuda = torch.cuda.is_available() and not config.cpu
+    return Accelerator(cpu=config.cpu or not torch.cuda.is_available(),
+                       mixed_precision=resolve_mixed_precision(config, cuda),
+                       gradient_accumulation_steps=config.gradient_accumulation_steps,
+                       step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[DistributedDataParallelKwargs(
+                           find_unused_parameters=config.find_unused_parameters)])
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def train(setup: TrainSetup, config: EngineConfig, run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> TrainResult:
+    """Run ``setup`` for ``config.max_steps`` optimiser steps in ``run_dir`` (resuming if allowed)."""
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    config.validate("engine")
+    unset = [k for k in ("max_steps", "batch_size", "checkpoint_every") if getattr(config, k) is None]
+    if unset:
+        raise AdcError(f"engine.{unset[0]}: not set (stages fill it with EngineConfig.with_defaults)")
+    acc = make_accelerator(config)
+    try:
+        return _train(acc, setup, config, run_dir, log, tqdm)
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        acc.free_memory() if hasattr(acc, "free_memory") else None
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+
+
+def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqdm) -> TrainResult:
+    procs, accum = acc.num_processes, config.gradient_accumulation_steps
+    if config.batch_size % (procs * accum):
+        raise AdcError(f"engine.batch_size: {config.batch_size} does not divide into {procs} processes x "
+                       f"{accum} accumulation steps")
+    local_batch = config.batch_size // (procs * accum)
+    main = acc.is_main_process
+    ckpt_root = run_dir / CHECKPOINT_DIR
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_root.mkdir(exist_ok=True)
+        for stale in ckpt_root.glob(".tmp-*"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+    acc.wait_for_everyone()
+
+    previous = latest_checkpoint(run_dir)
+    if previous is not None and not config.resume:
+        raise AdcError(f"{run_dir}: holds checkpoints (latest {previous.name}) but engine.resume is false; "
+                       f"use a new run directory or set resume: true")
+    if acc.device.type == "cuda" and config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    names = list(setup.trainable)
+    if config.gradient_checkpointing:
+        for m in setup.trainable.values():
+            enable_gradient_checkpointing(m)
+    for m in setup.frozen.values():
+        m.to(acc.device)
+    opt_names, sched_names = list(setup.optimizers), list(setup.schedulers)
+    prepared = acc.prepare(*[setup.trainable[n] for n in names], *[setup.optimizers[n] for n in opt_names],
+                           *[setup.schedulers[n] for n in sched_names])
+    prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+    models = dict(zip(names, prepared[:len(names)]))
+    optimizers = dict(zip(opt_names, prepared[len(names):len(names) + len(opt_names)]))
+    schedulers = dict(zip(sched_names, prepared[len(names) + len(opt_names):]))
+
+    start_step, position = 0, 0
+    if previous is not None:
+        state = read_trainer_state(previous)
+        acc.load_state(str(previous))
+        start_step, position = int(state["step"]), int(state["samples_seen"])
+        if state.get("global_batch") != config.batch_size and main:
+            log(f"[{setup.name}] note: global batch changed from {state.get('global_batch')} to {config.batch_size} "
+                f"on resume; data continues from sample {position}")
+        if main:
+            log(f"[{setup.name}] resumed from {previous} (step {start_step})")
+    last_ckpt: list[Path | None] = [previous]
+
+    ctx = StepContext(acc, setup, models, optimizers, config, lambda: last_ckpt[0])
+    if previous is None:
+        # Stages should not draw from the global RNG in the loop (use item_seed); if one does, a
+        # fresh run starts from the seed and a resumed run from the RNG state load_state restored.
+        torch.manual_seed(config.seed)
+
+    columns = ["step"] + [t for ts in setup.losses.values() for t in ts] + [f"lr_{o}" for o in opt_names] + ["steps_per_s"]
+    metrics = MetricsLog(run_dir / METRICS_FILE, columns, start_step) if main else None
+
+    sampler = StreamSampler(len(setup.dataset), config.seed, position, local_batch, procs, acc.process_index,
+                            setup.shuffle)
+    loader = DataLoader(KeyedDataset(setup.dataset), batch_size=local_batch, sampler=sampler,
+                        num_workers=config.num_workers, pin_memory=acc.device.type == "cuda",
+                        persistent_workers=config.num_workers > 0)
+    batches = iter(loader)
+
+    def save(step: int) -> Path:
+        final = ckpt_root / checkpoint_name(step)
+        tmp = ckpt_root / f".tmp-{checkpoint_name(step)}"
+        if main and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if main:
+            atomic_write_json(tmp / STATE_FILE, {
+                "stage": setup.name, "step": step, "samples_seen": position + (step - start_step) * config.batch_size,
+                "global_batch": config.batch_size, "num_processes": procs, "gradient_accumulation_steps": accum,
+                "seed": config.seed, "models": names, "optimizers": opt_names, "schedulers": sched_names})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(run_dir)[:-config.keep_checkpoints]:
+                doomed = ckpt_root / f".tmp-delete-{old.name}"  # renamed first: never a half-deleted "complete" one
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        acc.wait_for_everyone()
+        last_ckpt[0] = final
+        return final
+
+    bar = tqdm(total=config.max_steps, initial=start_step, desc=setup.name, disable=not (main and config.progress),
+               dynamic_ncols=True)
+    prepared_models = list(models.values())
+    t_start = t_log = time.perf_counter()
+    step_log = start_step
+    step = start_step
+    for m in prepared_models:
+        m.train()
+    try:
+        for step in range(start_step + 1, config.max_steps + 1):
+            ctx.step = step
+            for k in range(accum):
+                ctx.micro = k
+                batch = _to_device(next(batches), acc.device)
+                with acc.accumulate(*prepared_models):
+                    setup.step_fn(ctx, batch)
+            lrs = {f"lr_{o}": opt.param_groups[0]["lr"] for o, opt in optimizers.items()}  # used by this step
+            for s in schedulers.values():
+                s.step()
+            if step % config.log_every == 0 or step == config.max_steps:
+                means = ctx._take_means()  # each term averaged over the steps since the last row
+                keys = sorted(means)
+                vals = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=acc.device)
+                if procs > 1:
+                    vals = acc.reduce(vals, "mean")
+                means = dict(zip(keys, vals.tolist()))
+                now = time.perf_counter()
+                rate = (step - step_log) / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                if main:
+                    row = {"step": step, **means, **lrs, "steps_per_s": rate}
+                    metrics.append(row)
+                    bar.set_postfix({k: f"{means[k]:.4g}" for k in keys[:6]}, refresh=False)
+            bar.update(1)
+            if step % config.checkpoint_every == 0 or step == config.max_steps:
+                save(step)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    done = step - start_step
+    mem, mem_kind = peak_memory(acc.device)
+    summary = {
+        "stage": setup.name, "steps": step, "steps_this_run": done,
+        "steps_per_s": round(done / elapsed, 4) if elapsed > 0 and done else None,
+        "seconds": round(elapsed, 2), "peak_memory_mib": round(mem, 1), "peak_memory_kind": mem_kind,
+        "device": str(acc.device), "mixed_precision": acc.mixed_precision, "num_processes": procs,
+        "global_batch": config.batch_size, "gradient_accumulation_steps": accum,
+        "trainable_parameters": {n: sum(p.numel() for p in acc.unwrap_model(m).parameters() if p.requires_grad)
+                                 for n, m in models.items()},
+    }
+    if main:
+        atomic_write_json(run_dir / SUMMARY_FILE, summary)
+        plot_losses(run_dir / METRICS_FILE, run_dir / CURVE_FILE, setup.losses, setup.name)
+        log(f"[{setup.name}] {done} steps in {elapsed:.1f} s = {summary['steps_per_s']} steps/s on {acc.device} "
+            f"({acc.mixed_precision}, {procs} process(es)); peak memory {mem:.0f} MiB ({mem_kind})")
+    unwrapped = {n: acc.unwrap_model(m, keep_fp32_wrapper=False) for n, m in models.items()}
+    for m in unwrapped.values():
+        m.eval()
+    return TrainResult(unwrapped, step, summary, run_dir, last_ckpt[0])
+
+
+__all__ = ["EngineConfig", "TrainSetup", "TrainResult", "StepContext", "NonFiniteLossError", "train",
+           "item_seed", "upcast", "StreamSampler", "KeyedDataset", "frozen_parameters", "enable_gradient_checkpointing",
+           "list_checkpoints", "latest_checkpoint", "read_trainer_state", "plot_losses", "peak_memory",
+           "make_accelerator", "process_state", "resolve_mixed_precision", "CHECKPOINT_DIR", "METRICS_FILE", "CURVE_FILE",
+           "SUMMARY_FILE", "STATE_FILE"]

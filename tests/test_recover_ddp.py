@@ -1,0 +1,75 @@
+"""2 processes (torchrun, gloo on CPU) == 1 process with the same global batch.
+
+float64 models: then the only differences come from summation order (DDP all-reduce, batch
+split), <= 2e-8 after 3 Adam steps at lr 1e-3. In fp32 the same rounding gets amplified by
+Adam's near-sign update of near-zero gradients to a whole step (lr), so fp32 cannot be
+compared tightly. The tolerance (1e-7 = 1e-4 of one step) is far below what a wrong data split,
+a missing all-reduce, a scheduler stepped per process or per-rank randomness gives (~lr).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REALSR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realsr"
+
+
+def realsr() -> Path:
+    for root in (SHARED_REALSR, REPO / "data" / "samples" / "realsr"):
+        if (root / "HR").is_dir():
+            return root
+    pytest.skip("no RealSR images (../shared/data/realsr or data/samples/realsr)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+OUTPUTS = {"stage1": ["decoder.safetensors"], "stage2": ["student.safetensors", "discriminator_trainable.safetensors"]}
+
+
+@pytest.mark.parametrize("stage", ["stage1", pytest.param("stage2", marks=pytest.mark.slow)])
+def test_two_processes_equal_one_process(tmp_path, stage):
+    root = realsr()
+    # global batch 4: 2 processes x 2 accumulation micro-batches x 1 item, against 1 process x 4 items
+    common = ["--steps", "3", "--batch", "4", "--crop", "64", "--every", "3", "--float64", "--lr", "1e-3",
+              "--hr", str(root / "HR")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "-m", "compress.recover.tiny", stage, "--run-dir", str(tmp_path / "two"), *common,
+                          "--accum", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    assert "2 process(es)" in two.stdout + two.stderr
+
+    from compress.recover.tiny import main
+
+    old = torch.get_num_threads()
+    try:
+        assert main([stage, "--run-dir", str(tmp_path / "one"), *common]) == 0
+    finally:
+        torch.set_num_threads(old)
+    for name in OUTPUTS[stage]:
+        a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == torch.float64
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-7), (name, k, (a[k] - b[k]).abs().max().item())
+    if stage == "stage1":  # training moved the weights by far more than that tolerance
+        from compress.recover.tiny import tiny_stage1_models
+
+        start = tiny_stage1_models(0).decoder.double().state_dict()
+        a = load_file(str(tmp_path / "one" / OUTPUTS[stage][0]))
+        assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3
+    one_rows = (tmp_path / "one" / "metrics.csv").read_text().splitlines()
+    two_rows = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
+    assert len(one_rows) == len(two_rows) == 4  # header + 3 steps, one row per step (main process only)

@@ -1,0 +1,181 @@
+"""The training engine: configs, NaN guard, checkpoints, kill -9 + resume = uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from compress.errors import AdcError
+from compress.recover.decoder_pretrain import PretrainDecoderConfig
+from compress.recover.distill import DistillConfig
+from compress.recover.engine import (EngineConfig, NonFiniteLossError, StreamSampler, TrainSetup, latest_checkpoint,
+                                     list_checkpoints, read_trainer_state, train)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REALSR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realsr"
+
+
+def realsr() -> Path:
+    for root in (SHARED_REALSR, REPO / "data" / "samples" / "realsr"):
+        if (root / "HR").is_dir():
+            return root
+    pytest.skip("no RealSR images (../shared/data/realsr or data/samples/realsr)")
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------- configs
+def test_unknown_keys_are_reported_with_their_path():
+    with pytest.raises(AdcError, match=r"recipe\.stages\[5\]\.distill\.engine\.max_step: unknown key"):
+        DistillConfig.from_dict({"engine": {"max_step": 3}}, "recipe.stages[5].distill")
+    with pytest.raises(AdcError, match=r"pretrain_decoder\.init: 'random' is not one of"):
+        PretrainDecoderConfig.from_dict({"init": "random"})
+    with pytest.raises(AdcError, match=r"distill\.degradation\.noise_rang: unknown key"):
+        DistillConfig.from_dict({"degradation": {"noise_rang": [1, 2]}})
+    cfg = DistillConfig.from_dict({"lr_milestones": [10, 20], "engine": {"batch_size": 4}})
+    assert cfg.lr_milestones == [10, 20] and cfg.engine.batch_size == 4 and cfg.lr_d == 1e-6
+    # unset engine fields take the stage's defaults (AdcSR: 200 K steps, global batch 96)
+    assert cfg.engine.with_defaults(**DistillConfig.ENGINE_DEFAULTS).max_steps == 200_000
+    assert cfg.engine.with_defaults(**DistillConfig.ENGINE_DEFAULTS).batch_size == 4
+
+
+def test_stream_positions_do_not_depend_on_the_process_count():
+    one = StreamSampler(7, seed=3, start=5, local_batch=4)
+    it = iter(one)
+    single = [next(it) for _ in range(12)]
+    split = []
+    its = [iter(StreamSampler(7, seed=3, start=5, local_batch=2, num_processes=2, process_index=p)) for p in (0, 1)]
+    for _ in range(3):  # 3 micro-batches: process 0 then process 1, each 2 items
+        for it in its:
+            split += [next(it) for _ in range(2)]
+    assert single == split
+    assert [k for k in single if k[0] == 1]  # crosses into epoch 1, reshuffled
+    assert sorted(i for e, i in single[2:9]) == list(range(7))  # positions 7..13 = one full epoch 1
+
+
+# ---------------------------------------------------------------------------------- NaN guard
+class _Crops(torch.utils.data.Dataset):
+    def __init__(self, root):
+        from compress.data import HRCropDataset
+
+        self.ds = HRCropDataset(root / "HR", crop=32, hflip=False, seed=0)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+def _conv_setup(root, poison_step=None):
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 3, 3, padding=1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step_fn(ctx, batch):
+        x = batch["data"]
+        l1 = (ctx.model("net")(x) - x).abs().mean()
+        reg = model.weight.pow(2).mean()
+        if ctx.step == poison_step:
+            reg = reg * float("nan")
+        ctx.optimize("net", {"l1": l1, "reg": reg})
+
+    return model, TrainSetup(name="toy", trainable={"net": model}, optimizers={"net": opt},
+                             losses={"net": ["l1", "reg"]}, step_fn=step_fn, dataset=_Crops(root))
+
+
+def test_nan_loss_stops_with_one_line_naming_step_and_term_and_keeps_the_last_checkpoint(tmp_path):
+    root = realsr()
+    model, setup = _conv_setup(root, poison_step=5)
+    cfg = EngineConfig(max_steps=8, batch_size=2, checkpoint_every=2, log_every=1, cpu=True, progress=False)
+    with pytest.raises(NonFiniteLossError) as info:
+        train(setup, cfg, tmp_path, log=lambda s: None)
+    msg = str(info.value)
+    assert "\n" not in msg and "step 5" in msg and "'reg'" in msg and "nan" in msg
+    last = latest_checkpoint(tmp_path)
+    assert last is not None and last.name == "step-00000004" and str(last) in msg
+    assert read_trainer_state(last)["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert torch.isfinite(model.weight).all()  # the poisoned step was never applied
+    saved = load_file(str(last / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    assert rows[-1].startswith("4,")  # steps 1-4 logged, nothing from the failed step
+
+
+def test_resume_false_refuses_a_directory_with_checkpoints(tmp_path):
+    root = realsr()
+    _, setup = _conv_setup(root)
+    cfg = EngineConfig(max_steps=2, batch_size=2, checkpoint_every=1, cpu=True, progress=False)
+    res = train(setup, cfg, tmp_path, log=lambda s: None)
+    assert res.step == 2 and [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000002"]
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps_per_s"] > 0 and summary["peak_memory_mib"] > 0
+    _, setup = _conv_setup(root)
+    with pytest.raises(AdcError, match="resume is false"):
+        train(setup, EngineConfig(max_steps=3, batch_size=2, checkpoint_every=1, cpu=True, resume=False,
+                                  progress=False), tmp_path, log=lambda s: None)
+
+
+# ---------------------------------------------------------------------------------- kill -9
+def _tiny(stage, args, run_dir):
+    from compress.recover.tiny import main
+
+    assert main([stage, "--run-dir", str(run_dir), *args]) == 0
+
+
+OUTPUTS = {"stage1": ("decoder.safetensors", "halfDecoder.ckpt"),
+           "stage2": ("student.safetensors", "discriminator_trainable.safetensors")}
+
+
+@pytest.mark.parametrize("stage", ["stage1", pytest.param("stage2", marks=pytest.mark.slow)])
+def test_kill9_then_resume_gives_bit_identical_weights(tmp_path, one_thread, stage):
+    """stage1: decoder + PatchGAN (two Adams); stage2 adds the scheduler, LoRA D and the degradation."""
+    root = realsr()
+    args = ["--steps", "6", "--batch", "2", "--crop", "64", "--every", "2", "--hr", str(root / "HR")]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "compress.recover.tiny", stage, "--run-dir", str(killed),
+                                 *args, "--delay", "0.6"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not list_checkpoints(killed):
+                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
+                assert time.time() < deadline, "no checkpoint within 300 s"
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = latest_checkpoint(killed)
+    assert read_trainer_state(at_kill)["step"] < 6 and not (killed / OUTPUTS[stage][0]).exists()
+
+    _tiny(stage, args, killed)  # resumes from the last complete checkpoint
+    assert json.loads((killed / "summary.json").read_text())["steps_this_run"] < 6
+    straight = tmp_path / "straight"
+    _tiny(stage, args, straight)
+    for name in OUTPUTS[stage]:
+        load = load_file if name.endswith(".safetensors") else (lambda p: torch.load(p, weights_only=True)["state_dict"])
+        a, b = load(str(killed / name)), load(str(straight / name))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # the resumed run's metrics CSV has each step once (rows logged after the checkpoint were dropped)
+    steps = [int(r.split(",")[0]) for r in (killed / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]
