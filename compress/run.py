@@ -38,6 +38,10 @@ def read_done(run_dir: Path, index: int, name: str) -> dict[str, Any] | None:
 def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: list[str] | None = None,
                log=print) -> dict[str, Any]:
     """Run the recipe's stages; return {"done": [...], "skipped": {stage: [needs]}}."""
+    existing = sorted(p.name for p in run_dir.glob("[0-9][0-9]-*")) if run_dir.is_dir() else []
+    if existing and not resume:
+        raise AdcError(f"{run_dir}: holds an earlier run ({existing[0]}, ...); continue it with --resume "
+                       "or choose a new --out (nothing was overwritten)")
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "recipe.resolved.yaml"
     text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -73,6 +73,15 @@ def test_resume_skips_finished_stages(tiny_run, capsys):
     assert printed.count("done before, skipped (--resume)") == 9
 
 
+def test_a_second_run_without_resume_overwrites_nothing(tiny_run):
+    out, _ = tiny_run
+    before = (out / "report.md").read_text()
+    proc = subprocess.run([sys.executable, "-m", "compress.run", str(ROOT / "recipes" / "adcsr-tiny.yaml"),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "report.md").read_text() == before
+
+
 def test_resume_refuses_a_changed_recipe(tiny_run):
     out, _ = tiny_run
     proc = subprocess.run([sys.executable, "-m", "compress.run", str(ROOT / "recipes" / "adcsr-tiny.yaml"),
