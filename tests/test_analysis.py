@@ -19,16 +19,7 @@ TEMB_PROJ = re.compile(r"^unet\..*resnets\.\d+\.time_emb_proj$")
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Tiny tensors on 2 shared cores: torch's thread pool only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def osediff(one_thread):
+def osediff(one_thread_module):
     from compress.zoo import build
 
     return build("osediff", "tiny", "cpu")
@@ -158,7 +149,7 @@ def test_variable_prompt_keeps_text_encoder(osediff):
     assert "input interface" in a.row(f"{block}.to_k").reason  # its width is the text encoder's
 
 
-def test_single_index_probe_matches_torch_pruning_full_probe(one_thread):
+def test_single_index_probe_matches_torch_pruning_full_probe(one_thread_module):
     from compress.zoo import sd
 
     unet = sd.build_unet("tiny", "cpu")

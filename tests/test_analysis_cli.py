@@ -11,14 +11,6 @@ import torch
 from compress.analysis.__main__ import main
 
 
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_cli_writes_markdown_and_csv(tmp_path, capsys, one_thread):
     out = tmp_path / "reports" / "analysis.md"
     rc = main(["--model", "sd21-unet", "--size", "tiny", "--lr-size", "32", "--prompt", "dropped", "--out", str(out)])

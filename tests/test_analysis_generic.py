@@ -11,14 +11,6 @@ import torch
 from compress.analysis import analyse, s3diff_facts, unet_facts
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_sd15_style_unet_on_meta():
     """SD 1.5 layout at tiny width: 8 heads, conv proj_in/proj_out, 768 -> 24-wide text; traced on meta."""
     from compress.zoo import sd
@@ -44,7 +36,7 @@ def test_sd15_style_unet_on_meta():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("compress.zoo.s3diff") is None, reason="compress/zoo/s3diff.py absent")
-def test_s3diff_shaped_pipeline(one_thread):
+def test_s3diff_shaped_pipeline(one_thread_module):
     from compress.zoo import build
 
     m = build("s3diff", "tiny", "cpu")

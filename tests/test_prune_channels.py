@@ -12,12 +12,7 @@ from compress.prune import ChannelPruneConfig, prune_channels
 from compress.zoo.sd import build_unet, build_vae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _inputs(batch=1, text=32):

@@ -13,12 +13,7 @@ from compress.prune import (ChannelPruneConfig, apply_history, base_model, fold_
 from compress.prune.persist import RECORD, WEIGHTS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _unet_inputs():

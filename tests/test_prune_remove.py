@@ -12,12 +12,7 @@ from compress.zoo.sd import build_unet
 from compress.zoo.unet import ConditionFreeUNet, conditioning_modules
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared; one thread is much faster under load
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _toy():

@@ -17,12 +17,7 @@ from compress.zoo.sd import build_unet
 KEEP = 0.75
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _chain(sd_unet, feature_channels):

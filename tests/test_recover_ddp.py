@@ -17,15 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_REALSR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realsr"
-
-
-def realsr() -> Path:
-    for root in (SHARED_REALSR, REPO / "data" / "samples" / "realsr"):
-        if (root / "HR").is_dir():
-            return root
-    pytest.skip("no RealSR images (../shared/data/realsr or data/samples/realsr)")
+from helpers import REPO, realsr
 
 
 def free_port() -> int:

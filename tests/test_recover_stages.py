@@ -8,23 +8,7 @@ import torch
 from compress.errors import AdcError
 from compress.recover.engine import EngineConfig
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_REALSR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realsr"
-
-
-def realsr() -> Path:
-    for root in (SHARED_REALSR, REPO / "data" / "samples" / "realsr"):
-        if (root / "HR").is_dir():
-            return root
-    pytest.skip("no RealSR images (../shared/data/realsr or data/samples/realsr)")
-
-
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from helpers import realsr
 
 
 def engine(steps, batch=2, **kw):
