@@ -72,6 +72,7 @@ class Bundle:
             "osediff": "models.osediff = OSEDiff's osediff.pkl",
             "ram": "models.ram = ram_swin_large_14m.pth",
             "dape": "models.dape = DAPE.pth",
+            "ram_tag_list": "models.ram_tag_list = RAM's ram_tag_list.txt",
         }
         return [what[n] for n in names if getattr(self.recipe.models, n) is None]
 
@@ -103,7 +104,15 @@ class Bundle:
             missing = self.missing_weights("sd21_base", "osediff")
             if missing:
                 raise AdcError(f"the teacher needs {'; '.join(missing)}")
-            model = load_osediff_weights(m.sd21_base, m.osediff)
+            model = load_osediff_weights(m.sd21_base, m.osediff, m.ram, m.dape)
+            tokenizer_dir = Path(m.sd21_base) / "tokenizer"
+            if tokenizer_dir.is_dir() and m.ram_tag_list is not None:  # DAPE prompts need both, from local files
+                from transformers import CLIPTokenizer
+
+                from .zoo.dape import load_tag_list
+
+                model.set_prompting(CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
+                                    load_tag_list(m.ram_tag_list))
         else:
             torch.manual_seed(self.recipe.seed)
             model = build_osediff("tiny")

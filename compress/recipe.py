@@ -32,9 +32,10 @@ class ModelsConfig:
     osediff: Path | None = None            # osediff.pkl (OSEDiff's LoRA layout or AdcSR's merged layout)
     ram: Path | None = None                # ram_swin_large_14m.pth (DAPE backbone)
     dape: Path | None = None               # DAPE.pth (DAPE LoRA)
+    ram_tag_list: Path | None = None       # RAM's ram_tag_list.txt (tags -> text for DAPE prompts)
 
     def validate(self, path: str) -> None:
-        for name in ("sd21_base", "osediff", "ram", "dape"):
+        for name in ("sd21_base", "osediff", "ram", "dape", "ram_tag_list"):
             value = getattr(self, name)
             if value is not None and not Path(value).exists():
                 raise AdcError(f"{path}.{name}: {value} does not exist")
@@ -102,18 +103,23 @@ class Recipe:
 
 
 def _set_dotted(d: dict, dotted: str, value: Any, where: str) -> None:
+    """Set ``d[a][b][c] = value`` for ``a.b.c``; in the stage list, a key names the stage (``stages.prune.unet``)."""
     keys = dotted.split(".")
     node: Any = d
     for i, k in enumerate(keys[:-1]):
-        if isinstance(node, list):  # stages are a list of one-key mappings: stages.prune.unet.keep
-            match = [s for s in node if isinstance(s, dict) and k in s]
-            if not match:
+        if isinstance(node, list):
+            stage = next((s for s in node if isinstance(s, dict) and k in s), None)
+            if stage is None:
                 raise AdcError(f"{where}: no stage {k!r} in the recipe")
-            node = match[0][k] if match[0][k] is not None else match[0].setdefault(k, {})
+            if stage[k] is None:
+                stage[k] = {}
+            node = stage[k]
             continue
         if not isinstance(node, dict):
             raise AdcError(f"{where}: {'.'.join(keys[:i])} is not a mapping")
-        node = node.setdefault(k, {}) if node.get(k) is not None else node.__setitem__(k, {}) or node[k]
+        if node.get(k) is None:
+            node[k] = {}
+        node = node[k]
     if not isinstance(node, dict):
         raise AdcError(f"{where}: {'.'.join(keys[:-1])} is not a mapping")
     node[keys[-1]] = value
@@ -159,7 +165,7 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
             return str((base_dir / v).resolve())
         return v
 
-    for section, keys in (("models", ("sd21_base", "osediff", "ram", "dape")),
+    for section, keys in (("models", ("sd21_base", "osediff", "ram", "dape", "ram_tag_list")),
                           ("data", ("eval_lr", "eval_hr"))):
         sec = raw.get(section)
         if isinstance(sec, dict):

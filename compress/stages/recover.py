@@ -99,7 +99,7 @@ def run_pretrain_decoder(bundle, config: PretrainDecoderConfig, stage_dir: Path)
 def run_distill_needs(bundle, config: DistillConfig) -> list[str]:
     needs = bundle.missing_weights("sd21_base", "osediff")
     if config.prompt == "dape":
-        needs += bundle.missing_weights("ram", "dape")
+        needs += bundle.missing_weights("ram", "dape", "ram_tag_list")
     if not _train_hr(bundle, config):
         needs.append("data.train_hr = HR image folders (LSDIR in the paper)")
     return needs
