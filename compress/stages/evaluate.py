@@ -1,4 +1,4 @@
-"""``evaluate``: bicubic, teacher and student on held-out LR/HR pairs, PSNR/SSIM (Y, pyiqa-exact).
+"""``evaluate``: bicubic, teacher and student on the eval LR/HR pairs, PSNR/SSIM (Y, pyiqa-exact).
 
 SR images are written as PNGs (one folder per method) and scored with
 :func:`compress.evaluate.evaluate_folders`, the same code as ``python -m compress.evaluate``.

@@ -3,7 +3,7 @@
 Both wrap :mod:`compress.recover` and keep the run's student directory up to date: stage 1
 replaces the pruned decoder by the trained one (the student's mid-block and up path start
 from it, as AdcSR builds its ``Net`` from ``halfDecoder.ckpt``); stage 2 trains the student's
-UNet and mid-block against the teacher. Each reports a before/after measurement on held-out
+UNet and mid-block against the teacher. Each reports a before/after measurement on the eval
 data (``data.eval_lr``/``eval_hr``) so the report shows what the stage bought.
 """
 
@@ -88,7 +88,7 @@ def run_pretrain_decoder(bundle, config: PretrainDecoderConfig, stage_dir: Path)
     out = save_student(stage_dir / "student", new, read_chain(src / "unet"), decoder, read_chain(src / "decoder"))
     artifacts["student"] = str(out)
     if before is not None:
-        artifacts["measured"] = {"held-out reconstruction PSNR-Y (dB), before -> after":
+        artifacts["measured"] = {"reconstruction PSNR-Y on the eval HR images (dB), before -> after":
                                  f"{before:.2f} -> {after:.2f} ({len(held_out)} HR images, full size)"}
     return artifacts
 
@@ -157,9 +157,9 @@ def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any
         n = len(lr_held)
         drop = 100 * (1 - after["feature_l1"] / before["feature_l1"])
         artifacts["measured"] = {
-            "held-out student-teacher feature L1, before -> after":
+            "student-teacher feature L1 on the eval LR images, before -> after":
                 f"{before['feature_l1']:.4f} -> {after['feature_l1']:.4f} ({drop:.1f} % lower; {n} LR images, full size)",
-            "held-out PSNR-Y student vs teacher SR (dB), before -> after":
+            "PSNR-Y of student vs teacher SR on the eval LR images (dB), before -> after":
                 f"{before['psnr_student_vs_teacher']:.2f} -> {after['psnr_student_vs_teacher']:.2f}",
         }
     return artifacts

@@ -109,7 +109,8 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
 
     if "evaluate" in art:
         e = art["evaluate"]
-        lines += ["## Quality on held-out pairs", "",
+        lines += ["## Quality on held-out pairs" if _held_out(recipe.data) else
+                  "## Quality on the eval pairs (NOT held out: they are also training images)", "",
                   f"{e['n_images']} LR/HR pairs from `{recipe.data.eval_lr}`; PSNR/SSIM on Y (pyiqa-exact, no border "
                   f"crop); {e['device']}, {e['dtype']}, LR {e['lr_size'][0]}x{e['lr_size'][1]} -> x{task.scale}.", ""]
         metrics = sorted({m for v in e["means"].values() for m in v})
@@ -144,6 +145,18 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
     with atomic_path(root / "report.csv") as tmp:
         pd.DataFrame(csv_rows).to_csv(tmp, index=False)
     return {"report": str(md), "csv": str(root / "report.csv"), "png": str(png) if png else None}
+
+
+def _held_out(data) -> bool:
+    """False when the eval HR folder is (inside) one of the training folders, or contains one."""
+    if data.eval_hr is None:
+        return True
+    ev = Path(data.eval_hr).resolve()
+    for t in data.train_hr:
+        t = Path(t).resolve()
+        if ev == t or t in ev.parents or ev in t.parents:
+            return False
+    return True
 
 
 def _plot(art: dict, path: Path) -> Path | None:
