@@ -35,7 +35,6 @@ class Bundle:
     recipe: Recipe
     run_dir: Path
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
-    stage_dirs: dict[str, Path] = field(default_factory=dict)
     skipped: dict[str, list[str]] = field(default_factory=dict)   # stage -> what it needs and lacks
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -58,9 +57,6 @@ class Bundle:
         if key not in self._cache:
             self._cache[key] = factory()
         return self._cache[key]
-
-    def forget(self, key: str) -> None:
-        self._cache.pop(key, None)
 
     # ---------------------------------------------------------------- weights the user holds
     def missing_weights(self, *names: str) -> list[str]:

@@ -64,7 +64,6 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: lis
     for i, stage in enumerate(recipe.stages):
         spec = STAGES[stage.name]
         sdir = stage_dir(run_dir, i, stage.name)
-        bundle.stage_dirs[stage.name] = sdir
         if only and stage.name not in only:
             previous = read_done(run_dir, i, stage.name)
             if previous is not None:

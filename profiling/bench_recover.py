@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     from compress.recover.decoder_pretrain import run_stage as run_stage1
     from compress.recover.distill import DistillConfig, adcsr_bundle, degrade_items
     from compress.recover.distill import run_stage as run_stage2
-    from compress.recover.engine import EngineConfig, item_seed
+    from compress.recover.engine import EngineConfig
     from compress.recover.tiny import realsr_root
     from compress.zoo.adcsr import ADCSR_TINY, build_adcsr, build_half_decoder
     from compress.zoo.osediff import build_osediff

@@ -50,7 +50,7 @@ from torch import nn
 from compress.errors import AdcError
 from compress.io import atomic_path, atomic_write_text
 from profiling.counters import MacCounter, count_params
-from profiling.latency import LatencyReport, device_name, measure_latency
+from profiling.latency import LatencyReport, measure_latency
 
 __all__ = [
     "ModelSpec",

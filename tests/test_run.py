@@ -87,3 +87,17 @@ def test_resume_refuses_a_changed_recipe(tiny_run):
     proc = subprocess.run([sys.executable, "-m", "compress.run", str(ROOT / "recipes" / "adcsr-tiny.yaml"),
                            "--out", str(out), "--resume", "--set", "seed=7"], capture_output=True, text=True)
     assert proc.returncode == 2 and "recipe changed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_full_recipe_without_weights_runs_to_its_clear_stop(tmp_path):
+    # Full size on random init: ~2.5 min, ~5 GB RSS and ~5 GB of run directory on this CPU.
+    proc = subprocess.run([sys.executable, "-m", "compress.run", str(ROOT / "recipes" / "adcsr.yaml"),
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    stop = [line for line in proc.stderr.splitlines() if line.startswith("stopped:")]
+    assert len(stop) == 1 and "models.sd21_base" in stop[0] and "models.osediff" in stop[0]
+    prune = json.loads(next((tmp_path / "run").glob("*-prune/DONE.json")).read_text())["artifacts"]
+    assert prune["params_after"] == 456_073_683  # the official AdcSR student, from the generic transformations
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Stopped early" in report and "494.97 G" in report and "549.50 G" in report

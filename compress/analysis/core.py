@@ -28,7 +28,6 @@ prunable
 
 from __future__ import annotations
 
-import re
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -1024,7 +1023,6 @@ class _Classifier:
 
     # ------------------------------------------------------------------ rows
     def rows(self, groups: list[PrunableGroup]) -> list[Row]:
-        tr = self.tr
         in_groups: dict[str, list[int]] = defaultdict(list)
         for g in groups:
             for layer in g.layers:
@@ -1093,7 +1091,6 @@ class _Classifier:
         # accounting: each parameter once, to the deepest row that owns it
         row_names = [n for n, _, _ in emitted]
         row_set = set(row_names)
-        collapsed_of = {n: c for n, _, c in emitted}
         owner: dict[int, str] = {}
         for pname, p in self.bundle.named_parameters(remove_duplicate=False):
             if id(p) in owner:
@@ -1189,7 +1186,6 @@ class _Classifier:
             else:
                 out[name] = ("", "")  # aggregated below
         # aggregate non-leaf rows from their leaf rows, bottom-up
-        mods = {n: m for n, m, _ in emitted}
         counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         params: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for name, m, collapsed in reversed(emitted):

@@ -19,7 +19,6 @@ Outputs: the decoder in diffusers naming (``decoder.safetensors``) and AdcSR's
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping

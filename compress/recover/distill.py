@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 from ..config import from_dict, to_dict
 from ..errors import AdcError
 from ..io import atomic_torch_save, atomic_write_json, save_safetensors
-from .decoder_pretrain import discriminator_loss, generator_adv_loss, hr_crops
+from .decoder_pretrain import generator_adv_loss, hr_crops
 from .engine import EngineConfig, StepContext, TrainSetup, frozen_parameters, process_state, item_seed, train, upcast
 
 Layer = str | Callable[[Any], torch.Tensor]

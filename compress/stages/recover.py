@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AdcError
 from ..recover.decoder_pretrain import PretrainDecoderConfig
 from ..recover.distill import DistillConfig
 

@@ -121,8 +121,7 @@ def run_prune_needs(bundle, config: PruneConfig) -> list[str]:
     return []
 
 
-def _prune_part(model: nn.Module, part: PartPrune, example: torch.Tensor, where: str,
-                chain: list) -> nn.Module:
+def _prune_part(model: nn.Module, part: PartPrune, example: torch.Tensor, chain: list) -> nn.Module:
     from ..prune import prune_channels, slice_width
 
     if part.method == "slice":
@@ -147,7 +146,7 @@ def run_prune(bundle, config: PruneConfig, stage_dir: Path) -> dict[str, Any]:
     unshuffle = student.config.unshuffle
 
     latent = torch.randn(1, decoder.conv_in.in_channels, 8, 8)
-    decoder = _prune_part(decoder, config.decoder, latent, "decoder", dec_chain)
+    decoder = _prune_part(decoder, config.decoder, latent, dec_chain)
     feature_ch = decoder.mid_block.resnets[0].conv1.in_channels
 
     unet = student.unet
@@ -162,7 +161,7 @@ def run_prune(bundle, config: PruneConfig, stage_dir: Path) -> dict[str, Any]:
         unet, r = widen_module(unet, name, **kw)
         unet_chain.append(r)
     example = torch.randn(1, in_ch, 16, 16)
-    unet = _prune_part(unet, config.unet, example, "unet", unet_chain)
+    unet = _prune_part(unet, config.unet, example, unet_chain)
     if unet.conv_in.in_channels != in_ch or unet.conv_out.out_channels != feature_ch:
         raise AdcError(f"stages.prune: the pruned UNet maps {unet.conv_in.in_channels}->{unet.conv_out.out_channels} "
                        f"channels, the student needs {in_ch}->{feature_ch}")

@@ -10,7 +10,7 @@ official checkpoint layout (``net_params_*.pkl`` + ``halfDecoder.ckpt``) onto it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
