@@ -95,3 +95,21 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
         return load_file(str(path), device=device)
     except Exception as exc:  # safetensors raises its own error types
         raise AdcError(f"{path}: not a readable safetensors file ({str(exc)[:160]})") from None
+
+
+def read_format_json(path: str | os.PathLike, fmt: str, what: str) -> dict[str, Any]:
+    """Read a JSON metadata file that must be a mapping with ``"format": fmt``; one-line errors otherwise.
+
+    ``what`` names the writer, for the message when the file is missing (e.g. "save_compressed").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdcError(f"{path.parent}: no {path.name}; not a directory written by {what}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdcError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise AdcError(f"{path}: format is {found!r}, expected {fmt!r}")
+    return meta

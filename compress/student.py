@@ -10,15 +10,13 @@ decoder keeps its own mid-block and ``conv_in`` for the teacher and ground-truth
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .errors import AdcError
-from .io import atomic_write_json, load_safetensors, save_safetensors
+from .io import atomic_write_json, load_safetensors, read_format_json, save_safetensors
 from .zoo.adcsr import AdcSR, AdcSRConfig, DecoderUpPath
 
 STUDENT_FILE, MID_FILE = "student.json", "mid_block.safetensors"
@@ -72,15 +70,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     from .prune import load_compressed
 
     path = Path(path)
-    meta_file = path / STUDENT_FILE
-    if not meta_file.is_file():
-        raise AdcError(f"{path}: no {STUDENT_FILE}; not a student directory written by adc")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdcError(f"{meta_file}: not valid JSON ({exc})") from None
-    if meta.get("format") != "adc-student":
-        raise AdcError(f"{meta_file}: format {meta.get('format')!r}, expected 'adc-student'")
+    meta = read_format_json(path / STUDENT_FILE, "adc-student", "adc's save_student")
     unet = load_compressed(path / "unet", device)
     decoder = load_compressed(path / "decoder", device)
     student = compose_student(unet, decoder, int(meta.get("unshuffle", 2)), bool(meta.get("color_fix", True)))

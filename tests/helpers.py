@@ -14,3 +14,16 @@ def realsr() -> Path:
         if (root / "HR").is_dir():
             return root
     pytest.skip("no RealSR images (../shared/data/realsr or data/samples/realsr)")
+
+
+def save_sd_dir(model, root: Path) -> Path:
+    """Write a tiny pipeline's plain (LoRA-free) UNet, VAE and text encoder as a local diffusers folder."""
+    from compress.zoo.lora import plain_key
+    from compress.zoo.sd import build_text_encoder, build_unet, build_vae
+
+    for name, build, src in (("unet", build_unet, model.unet), ("vae", build_vae, model.vae),
+                             ("text_encoder", build_text_encoder, model.text_encoder)):
+        plain = build("tiny")
+        plain.load_state_dict({plain_key(k): v for k, v in src.state_dict().items() if plain_key(k) is not None})
+        plain.save_pretrained(root / name)
+    return root

@@ -216,15 +216,9 @@ def test_dape_prompt_path(trained):
 def test_load_osediff_from_local_sd_directory(trained, lr, emb, tmp_path):
     """The real-weights path: diffusers directory (unet/, vae/, text_encoder/) + osediff.pkl, nothing downloaded."""
     from compress.zoo.osediff import load_osediff_weights
-    from compress.zoo.sd import build_text_encoder, build_unet, build_vae
+    from helpers import save_sd_dir
 
-    for name, build, src in (("unet", build_unet, trained.unet), ("vae", build_vae, trained.vae)):
-        plain = build("tiny")
-        plain.load_state_dict(_plain(src))
-        plain.save_pretrained(tmp_path / "sd" / name)
-    te = build_text_encoder("tiny")
-    te.load_state_dict(trained.text_encoder.state_dict())
-    te.save_pretrained(tmp_path / "sd" / "text_encoder")
+    save_sd_dir(trained, tmp_path / "sd")
     pkl = atomic_torch_save(osediff_state_dict(trained), tmp_path / "osediff.pkl")
     config = replace(OSEDIFF_TINY, dape=None)
     model = load_osediff_weights(tmp_path / "sd", pkl, config=config)

@@ -170,15 +170,9 @@ def test_s3diff_pkl_round_trip(trained, blank, lr, embs, tmp_path):
 def test_load_s3diff_from_local_files(trained, lr, embs, tmp_path):
     """The real-weights path: SD-Turbo diffusers directory + s3diff.pkl + de_net.pth, nothing downloaded."""
     from compress.zoo.s3diff import S3DIFF_TINY, load_s3diff_weights
-    from compress.zoo.sd import build_text_encoder, build_unet, build_vae
+    from helpers import save_sd_dir
 
-    for name, build, src in (("unet", build_unet, trained.unet), ("vae", build_vae, trained.vae)):
-        plain = build("tiny")
-        plain.load_state_dict(_plain(src))
-        plain.save_pretrained(tmp_path / "turbo" / name)
-    te = build_text_encoder("tiny")
-    te.load_state_dict(trained.text_encoder.state_dict())
-    te.save_pretrained(tmp_path / "turbo" / "text_encoder")
+    save_sd_dir(trained, tmp_path / "turbo")
     pkl = atomic_torch_save(s3diff_state_dict(trained), tmp_path / "s3diff.pkl")
     de = atomic_torch_save(trained.de_net.state_dict(), tmp_path / "de_net.pth")
     model = load_s3diff_weights(tmp_path / "turbo", pkl, de, config=S3DIFF_TINY)

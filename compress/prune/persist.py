@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import AdcError
-from ..io import load_safetensors, save_safetensors
+from ..io import load_safetensors, read_format_json, save_safetensors
 from ..zoo.build import build_module
 from ._common import TransformRecord, count_params, import_target
 from .attention import restore_attention
@@ -268,16 +268,8 @@ def _json_default(o: Any) -> Any:
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    f = path / RECORD
-    if not f.is_file():
-        raise AdcError(f"{path}: no {RECORD}; not a directory written by save_compressed")
-    try:
-        meta = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdcError(f"{f}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AdcError(f"{f}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
+    f = Path(path) / RECORD
+    meta = read_format_json(f, FORMAT, "save_compressed")
     if meta.get("version") != VERSION:
         raise AdcError(f"{f}: version {meta.get('version')!r} is not supported (expected {VERSION})")
     return meta
