@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from compress.errors import AdcError
-from profiling.counters import MacCounter, count_macs, count_macs_fvcore, count_macs_thop, count_params
-from profiling.latency import measure_latency
+from compress.profile.counters import MacCounter, count_macs, count_macs_fvcore, count_macs_thop, count_params
+from compress.profile.latency import measure_latency
 
 SD21_UNET = dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
 SD_VAE = dict(

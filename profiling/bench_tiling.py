@@ -12,7 +12,7 @@ output-sized fp32 accumulator (3 x 8000 x 6000 x 4 B = 549 MiB), whatever the im
 nearest-neighbour stub (same shapes; stitching and colour fix unchanged): on a shared 2-core
 machine a full tiny-AdcSR pass takes tens of minutes, so the total is then *extrapolated* from
 the per-batch time and labelled so. Peak RSS is the kernel's high-water mark (VmHWM, reset
-before the call; see :mod:`profiling.latency`) and is exact either way, because the
+before the call; see :mod:`compress.profile.latency`) and is exact either way, because the
 accumulator is allocated in full and one model batch is the largest transient.
 """
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from profiling.latency import peak_memory
+    from compress.profile.latency import peak_memory
 
     width, height = (int(v) for v in args.lr.lower().split("x"))
     lr = make_lr(width, height)

@@ -11,7 +11,7 @@ Why this way:
 
 * Params and MACs come from full-size models built on ``meta`` (no weights, seconds, < 1 GB):
   params per component of the zoo's ``components()``, MACs with ``FlopCounterMode`` (primary
-  counter of :mod:`profiling.counters`) over each model's whole inference pipeline, split per
+  counter of :mod:`compress.profile.counters`) over each model's whole inference pipeline, split per
   component by module name. OSEDiff's pipeline includes the DAPE tag path, which the zoo's
   ``forward`` skips without a tokenizer and tag list; S3Diff's encodes two prompts (positive and
   negative), as the official inference does.
@@ -49,8 +49,8 @@ from torch import nn
 
 from compress.errors import AdcError
 from compress.io import atomic_path, atomic_write_text
-from profiling.counters import MacCounter, count_params
-from profiling.latency import LatencyReport, measure_latency
+from compress.profile.counters import MacCounter, count_params
+from compress.profile.latency import LatencyReport, measure_latency
 
 __all__ = [
     "ModelSpec",

@@ -10,7 +10,7 @@ is a dry run of the same code (tests use it). Why this protocol: random-init ful
 that :mod:`profiling.compare` counts (OSEDiff: DAPE tag path + text encode + VAE encode + UNet +
 decode, LoRA merged as OSEDiff times it; AdcSR: its whole forward), every dtype of a model
 measured back to back on the same GPU so the OSEDiff/AdcSR ratio of each dtype comes from one run.
-Each call is bracketed by CUDA events and synchronised (:func:`profiling.latency.measure_latency`):
+Each call is bracketed by CUDA events and synchronised (:func:`compress.profile.latency.measure_latency`):
 median and IQR over ``--repeats`` calls after ``--warmup`` calls; peak memory from one extra call.
 Half-precision weights are cast from the fp32 init (fp32 is measured first).
 """
@@ -34,7 +34,7 @@ import torch
 from compress.errors import AdcError
 from compress.io import atomic_write_text
 from profiling.compare import SPECS, _env, _fmt_df, _num_threads, pipeline_calls
-from profiling.latency import LatencyReport, device_name, measure_latency
+from compress.profile.latency import LatencyReport, device_name, measure_latency
 
 __all__ = ["GpuBenchOptions", "BenchRow", "run_bench", "render_markdown", "tidy_table", "main"]
 

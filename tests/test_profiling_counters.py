@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import AdcError
-from profiling import MacCounter, count_macs, count_macs_fvcore, count_macs_thop, count_params
+from compress.profile import MacCounter, count_macs, count_macs_fvcore, count_macs_thop, count_params
 
 
 class ToyConvNet(nn.Module):

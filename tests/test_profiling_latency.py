@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from compress.errors import AdcError
-from profiling import latency as lat
-from profiling import measure_latency, peak_memory
+from compress.profile import latency as lat
+from compress.profile import measure_latency, peak_memory
 
 
 class Probe(nn.Module):
@@ -122,7 +122,7 @@ def test_compile_inductor_cpu():
 
 _PEAK_PROBE = """
 import sys, torch
-import profiling.latency as lat
+import compress.profile.latency as lat
 if sys.argv[1] == "psutil":
     lat._reset_hwm = lambda: False
 with lat.peak_memory("cpu") as pm:

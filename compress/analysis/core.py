@@ -278,7 +278,7 @@ def analyse(bundle: Any, facts: TaskFacts | None = None, example_inputs: Any = N
 
     # One forward pass gives both the dataflow (our TorchFunctionMode) and the MACs (the project's
     # counter, a TorchDispatchMode, with ``root=bundle`` so module names match ours).
-    from profiling.counters import MacCounter
+    from compress.profile.counters import MacCounter
 
     result: dict[str, Trace] = {}
 

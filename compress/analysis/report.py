@@ -2,7 +2,7 @@
 
 Every table says how its numbers were obtained (device, dtype, input size, counter), because
 parameter and MAC counts of diffusion models are routinely compared across incompatible
-counters (see ``profiling/counters.py``).
+counters (see ``compress/profile/counters.py``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``profile``: params, MACs and latency of the teacher and the run's student, in one run.
 
-Counts use the primary counter of :mod:`profiling.counters` on ``meta`` (no memory, no weights
+Counts use the primary counter of :mod:`compress.profile.counters` on ``meta`` (no memory, no weights
 needed); latency is measured on the run's device with teacher and student timed alternately so
 their ratio is taken under the same load. Without weights at full size on a CPU, latency is
 skipped (``latency: auto``): the structure is the same, and the CPU timing of a 1.7 B model is
@@ -38,7 +38,7 @@ def run_profile_needs(bundle, config: ProfileConfig) -> list[str]:
 
 
 def _counts(name: str, model, lr: torch.Tensor, teacher: bool, size: str) -> dict[str, Any]:
-    from profiling.counters import MacCounter, count_params
+    from compress.profile.counters import MacCounter, count_params
 
     if teacher:  # the whole deployed pipeline (DAPE tag path included, LoRA merged), as profiling.compare counts it
         from profiling.compare import SPECS, count_model
@@ -56,7 +56,7 @@ def _counts(name: str, model, lr: torch.Tensor, teacher: bool, size: str) -> dic
 
 
 def run_profile(bundle, config: ProfileConfig, stage_dir: Path) -> dict[str, Any]:
-    from profiling.latency import measure_latency
+    from compress.profile.latency import measure_latency
 
     from ..student import load_student
     from ..zoo import build

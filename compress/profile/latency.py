@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from compress.errors import AdcError
+from ..errors import AdcError
 
 __all__ = ["LatencyReport", "PeakMemory", "measure_latency", "peak_memory", "device_name"]
 

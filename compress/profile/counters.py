@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils import flop_counter as _fc
 
-from compress.errors import AdcError
+from ..errors import AdcError
 
 __all__ = [
     "MacReport",
