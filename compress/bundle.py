@@ -1,8 +1,9 @@
-"""The model bundle that stages share: the recipe, the run directory, and models on demand.
+"""The model bundle that stages share: the recipe, its family, the run directory, models on demand.
 
 Nothing here is global: the runner makes one :class:`Bundle` per run and passes it to every
-stage. Models are built (or loaded from the user's local weights, or from an earlier stage's
-artifacts) the first time a stage asks for them.
+stage. The teacher is built (or loaded from the user's local weights) the first time a stage
+asks for it; the student and the analysis plan are handed from stage to stage in memory
+(``bundle.student``, ``bundle.plan``) and the runner saves the student once per stage.
 """
 
 from __future__ import annotations
@@ -36,7 +37,24 @@ class Bundle:
     run_dir: Path
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, list[str]] = field(default_factory=dict)   # stage -> what it needs and lacks
+    student: Any = None          # compress.student.StudentState handed between stages
+    student_changed: bool = False  # set by a stage that hands on a new student (the runner saves it)
+    plan: Any = None             # compress.analysis.Plan of this run (with its dependency graphs)
+    notes: list[str] = field(default_factory=list)  # visible lines for the report (what was skipped and why)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ---------------------------------------------------------------- what the recipe says
+    @property
+    def family(self):
+        return self.recipe.family
+
+    @property
+    def weights(self) -> Any:
+        return self.recipe.models.weights
+
+    @property
+    def options(self) -> Any:
+        return self.recipe.models.options
 
     @property
     def device(self) -> torch.device:
@@ -58,62 +76,85 @@ class Bundle:
             self._cache[key] = factory()
         return self._cache[key]
 
-    # ---------------------------------------------------------------- weights the user holds
-    def missing_weights(self, *names: str) -> list[str]:
-        """Human-readable needs for the named ``models.*`` entries that are not given (full size only)."""
-        if self.size == "tiny":
+    def rel(self, path: str | Path) -> str:
+        """``path`` relative to the run directory, as artifacts store it (a run directory can be moved)."""
+        import os
+
+        return os.path.relpath(path, self.run_dir)
+
+    def resolve(self, path: str | Path) -> Path:
+        """An artifact path (relative to the run directory, or absolute) as a usable path."""
+        p = Path(path)
+        return p if p.is_absolute() else self.run_dir / p
+
+    def note(self, line: str) -> None:
+        if line not in self.notes:
+            self.notes.append(line)
+
+    # ---------------------------------------------------------------- the teacher
+    def teacher_checkpoint(self) -> Path | None:
+        """The whole-teacher weights adc trained or shipped: this run's ``train_teacher``, else ``models.checkpoint``."""
+        if "train_teacher" in self.artifacts:
+            return self.resolve(self.artifacts["train_teacher"]["weights"])
+        return self.recipe.models.checkpoint
+
+    def teacher_needs(self) -> list[str]:
+        """What the teacher needs that the recipe lacks (a tiny or checkpointed teacher needs nothing)."""
+        if self.size == "tiny" or self.teacher_checkpoint() is not None:
             return []
-        what = {
-            "sd21_base": "models.sd21_base = an SD 2.1-base diffusers folder (unet/, vae/, text_encoder/)",
-            "osediff": "models.osediff = OSEDiff's osediff.pkl",
-            "ram": "models.ram = ram_swin_large_14m.pth",
-            "dape": "models.dape = DAPE.pth",
-            "ram_tag_list": "models.ram_tag_list = RAM's ram_tag_list.txt",
-        }
-        return [what[n] for n in names if getattr(self.recipe.models, n) is None]
+        return self.family.teacher_needs(self.weights)
 
-    # ---------------------------------------------------------------- models
-    def student_dir(self) -> Path:
-        """The newest student written by this run's stages (distill > pretrain_decoder > prune > remove)."""
-        for stage in ("distill", "pretrain_decoder", "prune", "remove"):
-            if "student" in self.artifacts.get(stage, {}):
-                return Path(self.artifacts[stage]["student"])
-        raise AdcError("no student in this run yet: add a 'remove' stage (and 'prune') before this one")
-
-    def has_trained_student(self) -> bool:
-        return "distill" in self.artifacts
-
-    def student(self) -> nn.Module:
-        from .student import load_student
-
-        return load_student(self.student_dir())[0].to(self.device).eval()
+    def has_teacher_weights(self) -> bool:
+        return self.teacher_checkpoint() is not None or (self.size == "full" and not self.teacher_needs())
 
     def teacher(self) -> nn.Module:
-        """The OSEDiff teacher: the user's weights (full size) or the tiny teacher trained by ``train_teacher``."""
+        """The frozen teacher on the run's device: the user's weights, or adc's checkpoint of it."""
         return self.cached("teacher", self._load_teacher)
 
     def _load_teacher(self) -> nn.Module:
-        from .zoo.osediff import build_osediff, load_osediff_weights
+        from .io import load_safetensors
 
-        m = self.recipe.models
-        if self.size == "full":
-            missing = self.missing_weights("sd21_base", "osediff")
-            if missing:
-                raise AdcError(f"the teacher needs {'; '.join(missing)}")
-            model = load_osediff_weights(m.sd21_base, m.osediff, m.ram, m.dape)
-            tokenizer_dir = Path(m.sd21_base) / "tokenizer"
-            if tokenizer_dir.is_dir() and m.ram_tag_list is not None:  # DAPE prompts need both, from local files
-                from transformers import CLIPTokenizer
-
-                from .zoo.dape import load_tag_list
-
-                model.set_prompting(CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True),
-                                    load_tag_list(m.ram_tag_list))
+        ckpt = self.teacher_checkpoint()
+        torch.manual_seed(self.recipe.seed)
+        if ckpt is not None and self.size == "tiny":
+            model = self.family.build_teacher(self.size, "cpu", self.options)
         else:
-            torch.manual_seed(self.recipe.seed)
-            model = build_osediff("tiny")
-            if "train_teacher" in self.artifacts:
-                from .io import load_safetensors
-
-                model.load_state_dict(load_safetensors(self.artifact("train_teacher", "weights")))
+            model = self.family.load_teacher(self.size, self.weights, "cpu", self.options)
+        if ckpt is not None:
+            state = load_safetensors(ckpt)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise AdcError(f"{ckpt}: does not fit the {self.family.name} {self.size} teacher "
+                               f"({str(exc).splitlines()[0][:160]})") from None
+        elif self.size == "tiny":
+            self.note(f"the tiny {self.family.name} teacher has random weights (no models.checkpoint, no "
+                      "train_teacher stage): distilling it shows the mechanics, not super-resolution")
         return model.to(self.device).eval().requires_grad_(False)
+
+    def meta_teacher(self) -> nn.Module:
+        """The teacher's architecture on ``meta`` (analysis and counting need no weights)."""
+        return self.cached("meta_teacher", lambda: self.family.build_teacher(self.size, "meta", self.options))
+
+    # ---------------------------------------------------------------- the student
+    def student_state(self):
+        """The student handed on by the last stage that made one (reloaded from its folder on resume)."""
+        if self.student is None:
+            from .student import load_student_state
+
+            path = self.student_dir()
+            self.student = load_student_state(path)
+        return self.student
+
+    def student_dir(self) -> Path:
+        """The newest student folder written by this run (distill > pretrain_decoder > prune > remove)."""
+        for stage in ("distill", "pretrain_decoder", "prune", "remove"):
+            if "student" in self.artifacts.get(stage, {}):
+                return self.resolve(self.artifacts[stage]["student"])
+        raise AdcError("no student in this run yet: add a 'remove' stage (and 'prune') before this one")
+
+    def set_student(self, state) -> None:
+        self.student, self.student_changed = state, True
+
+    def has_trained_student(self) -> bool:
+        return "distill" in self.artifacts

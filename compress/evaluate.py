@@ -2,7 +2,7 @@
 
     python -m compress.evaluate --sr results/ --hr data/samples/realsr/HR [--out DIR] [--metrics psnr,ssim,lpips]
 
-Why: the students must be compared with OSEDiff/AdcSR on the numbers those papers print, so
+Why: the students must be compared with the published one-step SR models on the numbers their papers print, so
 images are paired the way their scripts pair them (sorted file names, names may differ),
 PSNR/SSIM match pyiqa's Y-channel versions, and learned metrics use pyiqa itself, offline,
 only when it is installed with its weights on disk (otherwise they are listed as unavailable).
@@ -42,7 +42,7 @@ __all__ = [
     "write_reports",
 ]
 
-#: The OSEDiff / AdcSR table, in its column order.
+#: The one-step SR papers' table (as AdcSR prints it), in its column order.
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa", "fid")
 _BUILTIN = ("psnr", "ssim")
 _ALIASES = {"maniqa-pipal": "maniqa", "clip-iqa": "clipiqa", "psnry": "psnr"}

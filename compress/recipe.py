@@ -1,14 +1,26 @@
 """The recipe: the single source of a run's settings, validated into dataclasses.
 
-A recipe names the models (local weight paths, or none), the facts of the task, the data, and
-an ordered list of stages. Each stage's own config class lives with the stage
-(:mod:`compress.stages`); unknown keys, wrong types, missing paths and stages out of order are
-one-line errors naming the key path.
+A recipe names the model family and its local weight files, the facts of the task, the data,
+and an ordered list of stages::
+
+    name: adcsr
+    plugins: [my_package.families]          # optional: modules that register families
+    models: {family: FAMILY, size: full, weights: {...the family's files...}, options: {...}}
+    task: {scale: 4, timestep: 999, prompt: dropped, lr_size: 128}
+    data: {train_hr: [...], eval_lr: ..., eval_hr: ..., degradation: {...}}
+    stages: [analyse, remove, prune, ...]
+
+Each stage's config class lives with the stage (:mod:`compress.stages`); the weights and
+options classes with the family (:mod:`compress.families`). Unknown keys, wrong types,
+missing paths and stages out of order are one-line errors naming the key path. Paths in the
+file are relative to its folder; paths given with ``--set`` are relative to the working
+directory.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,25 +32,28 @@ from .errors import AdcError
 
 STAGE_ORDER = ("train_teacher", "analyse", "remove", "prune", "pretrain_decoder", "distill",
                "evaluate", "profile", "report")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass
 class ModelsConfig:
-    """Where the user's weights are. ``None`` = not available: stages that need them stop the run."""
+    """The model family, its size, the user's local weight files and the family's options.
 
+    ``weights``/``options`` are the family's own dataclasses (:attr:`ModelFamily.Weights`,
+    :attr:`ModelFamily.Options`). ``checkpoint``: a safetensors of the whole teacher module
+    written by adc (the ``train_teacher`` stage, or the tiny teacher shipped in ``data/``),
+    loaded on top of the family's teacher.
+    """
+
+    family: str
     size: Literal["full", "tiny"] = "full"
-    teacher: Literal["osediff"] = "osediff"
-    sd21_base: Path | None = None          # diffusers dir with unet/ vae/ text_encoder/ (SD 2.1-base)
-    osediff: Path | None = None            # osediff.pkl (OSEDiff's LoRA layout or AdcSR's merged layout)
-    ram: Path | None = None                # ram_swin_large_14m.pth (DAPE backbone)
-    dape: Path | None = None               # DAPE.pth (DAPE LoRA)
-    ram_tag_list: Path | None = None       # RAM's ram_tag_list.txt (tags -> text for DAPE prompts)
+    weights: Any = None
+    options: Any = None
+    checkpoint: Path | None = None
 
     def validate(self, path: str) -> None:
-        for name in ("sd21_base", "osediff", "ram", "dape", "ram_tag_list"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).exists():
-                raise AdcError(f"{path}.{name}: {value} does not exist")
+        if self.checkpoint is not None and not self.checkpoint.is_file():
+            raise AdcError(f"{path}.checkpoint: {self.checkpoint} is not a file")
 
 
 @dataclass
@@ -52,20 +67,31 @@ class TaskConfig:
 
     def validate(self, path: str) -> None:
         check_range(self.timestep, 0, 999, f"{path}.timestep")
-        if self.lr_size % 16:
-            raise AdcError(f"{path}.lr_size: {self.lr_size} is not a multiple of 16")
+        if self.lr_size < 16 or self.lr_size % 16:
+            raise AdcError(f"{path}.lr_size: {self.lr_size} is not a positive multiple of 16")
+        if self.scale < 1:
+            raise AdcError(f"{path}.scale: expected a positive integer, got {self.scale}")
 
 
 @dataclass
 class DataConfig:
+    """Images for recovery and evaluation, and the LR synthesis every training stage shares."""
+
     train_hr: list[Path] = field(default_factory=list)   # HR folders (recursive) for recovery
     eval_lr: Path | None = None
     eval_hr: Path | None = None
-    eval_limit: int | None = None                        # evaluate on the first N pairs only
-    crop: int = 512
-    degradation: dict[str, Any] = field(default_factory=dict)
+    eval_limit: int | None = None                        # evaluate (and measure stages) on the first N pairs
+    degradation: Any = None                              # compress.data.DegradationConfig (AdcSR's values)
+
+    def __post_init__(self) -> None:
+        if self.degradation is None:
+            from .data import DegradationConfig
+
+            self.degradation = DegradationConfig()
 
     def validate(self, path: str) -> None:
+        from .data import DegradationConfig
+
         for i, p in enumerate(self.train_hr):
             if not p.is_dir():
                 raise AdcError(f"{path}.train_hr[{i}]: {p} is not a directory")
@@ -73,6 +99,13 @@ class DataConfig:
             p = getattr(self, name)
             if p is not None and not p.is_dir():
                 raise AdcError(f"{path}.{name}: {p} is not a directory")
+        if (self.eval_lr is None) != (self.eval_hr is None):
+            raise AdcError(f"{path}.{'eval_hr' if self.eval_hr is None else 'eval_lr'}: missing; evaluation needs "
+                           "both eval_lr and eval_hr")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise AdcError(f"{path}.eval_limit: expected a positive integer, got {self.eval_limit}")
+        if not isinstance(self.degradation, DegradationConfig):
+            self.degradation = DegradationConfig.from_dict(self.degradation or {}, f"{path}.degradation")
 
 
 @dataclass
@@ -87,21 +120,34 @@ class Recipe:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None    # torch CPU threads (None = torch's default)
-    models: ModelsConfig = field(default_factory=ModelsConfig)
+    plugins: list[str] = field(default_factory=list)
+    models: ModelsConfig | None = None
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[Stage] = field(default_factory=list)
     source: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def family(self):
+        from .families import get
+
+        return get(self.models.family)
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        d = to_dict({k: getattr(self, k) for k in ("name", "seed", "device", "threads", "models", "task", "data")})
+        d = to_dict({k: getattr(self, k) for k in ("name", "seed", "device", "threads", "plugins", "models", "task")})
+        d["data"] = to_dict({k: getattr(self.data, k) for k in ("train_hr", "eval_lr", "eval_hr", "eval_limit")})
+        d["data"]["degradation"] = self.data.degradation.to_dict()
         d["stages"] = [{s.name: to_dict(s.config)} for s in self.stages]
         return d
 
 
+# --------------------------------------------------------------------------------------------
+# --set overrides
+# --------------------------------------------------------------------------------------------
 def _set_dotted(d: dict, dotted: str, value: Any, where: str) -> None:
     """Set ``d[a][b][c] = value`` for ``a.b.c``; in the stage list, a key names the stage (``stages.prune.unet``)."""
     keys = dotted.split(".")
@@ -129,19 +175,26 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """``--set a.b=value`` overrides; the value is read as YAML (numbers, lists, null)."""
     raw = copy.deepcopy(raw)
     for item in overrides:
-        if "=" not in item:
-            raise AdcError(f"--set {item!r}: expected key=value")
-        key, value = item.split("=", 1)
+        key, value = _split_override(item)
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise AdcError(f"--set {item!r}: the value is not valid YAML") from None
-        _set_dotted(raw, key.strip(), parsed, f"--set {key}")
+        _set_dotted(raw, key, parsed, f"--set {key}")
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
+def _split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise AdcError(f"--set {item!r}: expected key=value")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def read_recipe_file(path: Path) -> dict:
     if not path.is_file():
         raise AdcError(f"{path}: recipe not found")
     try:
@@ -152,45 +205,140 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise AdcError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise AdcError(f"{path}: expected a mapping at the top level")
-    raw = apply_overrides(raw, overrides or [])
-    return parse_recipe(raw, str(path), base_dir=path.parent)
-
-
-def _resolve_paths(raw: dict, base_dir: Path) -> dict:
-    """Relative paths in ``models`` and ``data`` are relative to the recipe file's folder."""
-    raw = copy.deepcopy(raw)
-
-    def fix(v: Any) -> Any:
-        if isinstance(v, str) and not Path(v).expanduser().is_absolute():
-            return str((base_dir / v).resolve())
-        return v
-
-    for section, keys in (("models", ("sd21_base", "osediff", "ram", "dape", "ram_tag_list")),
-                          ("data", ("eval_lr", "eval_hr"))):
-        sec = raw.get(section)
-        if isinstance(sec, dict):
-            for k in keys:
-                if sec.get(k) is not None:
-                    sec[k] = fix(sec[k])
-            if section == "data" and isinstance(sec.get("train_hr"), list):
-                sec["train_hr"] = [fix(v) for v in sec["train_hr"]]
-            elif section == "data" and isinstance(sec.get("train_hr"), str):
-                sec["train_hr"] = [fix(sec["train_hr"])]
     return raw
 
 
-def parse_recipe(raw: dict, where: str = "recipe", base_dir: Path | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path | None = None) -> Recipe:
+    """Read, override (``--set``), resolve paths and validate a recipe file."""
+    path = Path(path)
+    overrides = list(overrides or [])
+    raw = read_recipe_file(path)
+    _load_plugins(raw, str(path))
+    raw = _resolve_paths(raw, path.parent)
+    parsed = []
+    for item in overrides:
+        key, value = _split_override(item)
+        try:
+            parsed.append((key, yaml.safe_load(value)))
+        except yaml.YAMLError:
+            raise AdcError(f"--set {item!r}: the value is not valid YAML") from None
+    family = _family_name(raw, *[{"models": {"family": v}} for k, v in parsed if k == "models.family"])
+    for key, value in parsed:
+        if key.split(".")[0] in ("models", "data"):  # paths given on the command line: relative to the cwd
+            mini: dict = {}
+            _set_dotted(mini, key, value, f"--set {key}")
+            node: Any = _resolve_paths(mini, cwd or Path.cwd(), family)
+            for k in key.split("."):
+                node = node[k]
+            value = node
+        _set_dotted(raw, key, value, f"--set {key}")
+    recipe = parse_recipe(raw, str(path))
+    recipe.source, recipe.overrides = path, overrides
+    return recipe
+
+
+def _family_name(*raws: dict) -> str | None:
+    name = None
+    for raw in raws:
+        models = raw.get("models")
+        if isinstance(models, dict) and isinstance(models.get("family"), str):
+            name = models["family"]
+    return name
+
+
+def _resolve_paths(raw: dict, base_dir: Path, family: str | None = None) -> dict:
+    """Relative paths (weights, checkpoint, data folders) made absolute against ``base_dir``."""
+    raw = copy.deepcopy(raw)
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, str) and v and not Path(v).expanduser().is_absolute():
+            return str((base_dir / Path(v).expanduser()).resolve())
+        return v
+
+    _load_plugins(raw)
+    models = raw.get("models")
+    if isinstance(models, dict):
+        if models.get("checkpoint") is not None:
+            models["checkpoint"] = fix(models["checkpoint"])
+        weights = models.get("weights")
+        name = family or _family_name(raw)
+        if isinstance(weights, dict) and name is not None:
+            from .families import get
+            from .families.base import path_fields
+
+            try:
+                keys = path_fields(get(name).Weights)
+            except AdcError:
+                keys = []  # an unknown family is reported, with the key path, by parse_recipe
+            for k in keys:
+                if weights.get(k) is not None:
+                    weights[k] = fix(weights[k])
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for k in ("eval_lr", "eval_hr"):
+            if data.get(k) is not None:
+                data[k] = fix(data[k])
+        if isinstance(data.get("train_hr"), list):
+            data["train_hr"] = [fix(v) for v in data["train_hr"]]
+        elif isinstance(data.get("train_hr"), str):
+            data["train_hr"] = [fix(data["train_hr"])]
+    return raw
+
+
+def _load_plugins(raw: dict, where: str = "recipe") -> list[str]:
+    plugins = raw.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise AdcError(f"{where}.plugins: expected a list of module names, got {plugins!r}")
+    from .families import load_plugins
+
+    load_plugins(plugins, f"{where}.plugins")
+    return plugins
+
+
+def _parse_models(raw: Any, where: str) -> ModelsConfig:
+    from .families import available, get
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise AdcError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {"family", "size", "weights", "options", "checkpoint"}
+    for key in [k for k in raw if k not in known]:
+        for name in available():  # a key of an earlier schema: the family that used it says how to migrate
+            hint = get(name).migration_hint(key, raw)
+            if hint:
+                raise AdcError(f"{where}.{key}: the recipe schema changed: {hint}")
+    if "family" not in raw:
+        raise AdcError(f"{where}.family: missing required key (one of: {', '.join(available())})")
+    raw = dict(raw)
+    weights, options = raw.pop("weights", None), raw.pop("options", None)
+    head = from_dict(ModelsConfig, raw, where)
+    try:
+        family = get(head.family)
+    except AdcError as exc:
+        raise AdcError(f"{where}.family: {exc}") from None
+    head.weights = from_dict(family.Weights, weights, f"{where}.weights")
+    head.options = from_dict(family.Options, options, f"{where}.options")
+    return head
+
+
+def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
+    """A :class:`Recipe` from a mapping whose paths are already resolved."""
     from .stages import STAGES  # the stage registry owns each stage's config class
 
-    if base_dir is not None:
-        raw = _resolve_paths(raw, base_dir)
     raw = dict(raw)
+    plugins = _load_plugins(raw, where)
     stages_raw = raw.pop("stages", None)
     if not isinstance(stages_raw, list) or not stages_raw:
         raise AdcError(f"{where}: stages: expected a non-empty list of stages, e.g. '- analyse: {{}}'")
     if "name" not in raw:
         raise AdcError(f"{where}: name: missing required key")
+    models_raw = raw.pop("models", None)
     head = from_dict(_RecipeHead, raw, where)
+    models = _parse_models(models_raw, f"{where}.models")
+    if not _NAME.match(head.name):
+        raise AdcError(f"{where}.name: {head.name!r} must be a plain name (letters, digits, '.', '_', '-'; no "
+                       "path separators): it names the run directory runs/<name>")
     stages: list[Stage] = []
     last = -1
     for i, entry in enumerate(stages_raw):
@@ -208,8 +356,13 @@ def parse_recipe(raw: dict, where: str = "recipe", base_dir: Path | None = None)
                            f"(order: {' -> '.join(STAGE_ORDER)})")
         last = order
         stages.append(Stage(name, from_dict(STAGES[name].config_cls, cfg, f"{where}.stages.{name}")))
-    return Recipe(name=head.name, seed=head.seed, device=head.device, threads=head.threads, models=head.models, task=head.task,
-                  data=head.data, stages=stages, source=Path(where) if base_dir is not None else None)
+    recipe = Recipe(name=head.name, seed=head.seed, device=head.device, threads=head.threads, plugins=plugins,
+                    models=models, task=head.task, data=head.data, stages=stages)
+    for stage in recipe.stages:  # checks that need the whole recipe (the family, the data, other stages)
+        check = getattr(STAGES[stage.name], "check", None)
+        if check is not None:
+            check(recipe, stage.config, f"{where}.stages.{stage.name}")
+    return recipe
 
 
 @dataclass
@@ -218,6 +371,6 @@ class _RecipeHead:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
-    models: ModelsConfig = field(default_factory=ModelsConfig)
+    plugins: list[str] = field(default_factory=list)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)

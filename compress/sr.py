@@ -9,7 +9,8 @@ autocast with a non-finite fallback (see :mod:`compress.inference`).
     python -m compress.sr --model weights/ --input lr/ --output sr/ --tile 512 --dtype fp16
 
 ``--model``: a folder with the official ``net_params_*.pkl`` + ``halfDecoder.ckpt``; an adc
-run folder (with ``student/``); or a zoo name (adcsr, osediff, s3diff) with random weights.
+run folder (with ``student/``); or a model name of the family registry (a family's teacher, or a
+compressed model such as ``adcsr``) with random weights.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ from .errors import AdcError
 from .inference import Precision, model_device, model_pad_multiple, resolve_precision, upscale
 from .io import atomic_path
 
-__all__ = ["load_sr_model", "upscale", "plan_outputs", "main"]
+__all__ = ["load_sr_model", "upscale", "plan_outputs", "sr_models", "main"]
 
-SR_ZOO = ("adcsr", "osediff", "s3diff")
+
+
+def sr_models() -> list[str]:
+    """Names ``--model`` accepts for random-weight test runs: every family's teacher and named models."""
+    from .families import models
+
+    return sorted(n for n, (_, kind) in models().items() if kind in ("teacher", "student"))
+
 HALF_DECODER = "halfDecoder.ckpt"
 _NET_PARAMS = re.compile(r"^net_params_(\d+)\.pkl$")
 
@@ -99,8 +107,8 @@ def load_sr_model(spec: str | os.PathLike, size: str = "full", device: str | tor
     """The SR model named by ``spec``, in eval mode on ``device``.
 
     ``spec``: a folder with official AdcSR weights (``size`` must match them: "full" for the
-    released ones), an adc run folder with ``student/`` (or that ``student/`` folder), or a zoo name in :data:`SR_ZOO`
-    (random weights, with a one-line warning through ``log``).
+    released ones), an adc run folder with ``student/`` (or that ``student/`` folder), or a model name of
+    :func:`sr_models` (random weights, with a one-line warning through ``log``).
     """
     log = log or _stderr
     dev = _parse_device(device)
@@ -118,15 +126,15 @@ def load_sr_model(spec: str | os.PathLike, size: str = "full", device: str | tor
             return _load_official_dir(path, size, dev, log)
         raise AdcError(f"--model {spec}: folder has neither official AdcSR weights (net_params_*.pkl + "
                        f"{HALF_DECODER}) nor a run's student/")
-    if str(spec) in SR_ZOO:
-        from .zoo import build
+    if str(spec) in sr_models():
+        from .families import build
 
         model = build(str(spec), size, dev)
         log(f"warning: --model {spec}: random weights (no checkpoint given); outputs are only good for testing")
         return model.eval()
     what = "is a file" if path.exists() else "does not exist"
     raise AdcError(f"--model {spec!r}: {what}; expected a folder with net_params_*.pkl + {HALF_DECODER}, "
-                   f"a run folder with student/, or one of {', '.join(SR_ZOO)}")
+                   f"a run folder with student/, or one of {', '.join(sr_models())}")
 
 
 # ----------------------------------------------------------------------------- files
@@ -197,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Super-resolve an image or a folder of images with an adc SR model "
                                             "(reflection padding, optional tiling with global colour statistics).")
     p.add_argument("--model", required=True, metavar="SPEC",
-                   help=f"official AdcSR weights folder, adc run folder, or zoo name ({', '.join(SR_ZOO)})")
+                   help="official AdcSR weights folder, adc run folder, or a model name (random weights, for tests)")
     p.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
     p.add_argument("--output", required=True, type=Path, help="folder for the PNGs (never the input folder)")
     p.add_argument("--recursive", action="store_true", help="also read images in subfolders (mirrored in --output)")

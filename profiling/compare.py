@@ -50,6 +50,7 @@ from torch import nn
 from compress.errors import AdcError
 from compress.io import atomic_path, atomic_write_text
 from compress.profile.counters import MacCounter, count_params
+from compress.profile.pipeline import ModelCounts, count_pipeline
 from compress.profile.latency import LatencyReport, measure_latency
 
 __all__ = [
@@ -72,8 +73,6 @@ __all__ = [
 ]
 
 COUNTER = "torch.utils.flop_counter.FlopCounterMode"
-LORA_LEAF = re.compile(r"\.lora_[AB]\.[^.]+$")  # peft: <layer>.lora_A.<adapter>
-LORA_A_LEAF = re.compile(r"\.lora_A\.[^.]+$")
 MODEL_ORDER = ("osediff", "s3diff", "adcsr")
 
 Call = tuple[str, Callable[..., Any], tuple]
@@ -82,7 +81,7 @@ _TORCH_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 
 
 # ---------------------------------------------------------------------------------------------
-# What is run, per model
+# What is run, per model: the family's pipeline spec (compress.families), by model name
 # ---------------------------------------------------------------------------------------------
 
 
@@ -93,28 +92,9 @@ def _adcsr_calls(model: nn.Module, lr: torch.Tensor) -> list[Call]:
     return [("forward", model, (lr,))]
 
 
-def _osediff_calls(model: nn.Module, lr: torch.Tensor) -> list[Call]:
-    calls: list[Call] = []
-    pe = model.prompt_extractor
-    if pe is not None:
-        # OSEDiff's dape_prompts without the tag thresholding: x4 LR -> [0,1] -> 384 px -> tag logits.
-        # The resize runs in fp32 and its result is cast, as OSEDiff's ram_transforms(lq).to(weight_dtype)
-        # (CPU has no half antialiased resize).
-        calls.append(("DAPE tag logits",
-                      lambda x: pe(pe.preprocess((model.upscale(x).float() + 1) / 2).to(x.dtype)), (lr,)))
-    calls.append(("forward", model, (lr,)))
-    return calls
-
-
-def _s3diff_calls(model: nn.Module, lr: torch.Tensor) -> list[Call]:
-    # Without a tokenizer the zoo forward encodes the empty prompt once and uses it twice; the
-    # official inference encodes the positive and the negative prompt: one more encode.
-    return [("forward", model, (lr,)), ("negative-prompt text encode", lambda: model.encode_prompt(), ())]
-
-
 @dataclass(frozen=True)
 class ModelSpec:
-    """How one zoo model is counted and timed, and what its numbers include."""
+    """How one named model is counted and timed, and what its numbers include."""
 
     name: str
     title: str
@@ -124,28 +104,27 @@ class ModelSpec:
     includes: str
 
 
-SPECS: dict[str, ModelSpec] = {
-    "osediff": ModelSpec(
-        "osediff", "OSEDiff", _osediff_calls, mergeable_lora=True, modulated_lora=False,
-        includes=("DAPE tag path (RAM Swin-L + tagging head, x4 LR resized to 384 px); CLIP-H text encoder "
-                  "(one 77-token prompt); bicubic x4; VAE encoder at the x4 size; UNet once (t = 999); "
-                  "VAE decoder. LoRA merged (UNet, VAE, DAPE). Params include DAPE's captioning modules "
-                  "that tag inference never runs (RAM checkpoint; 470.93 M DAPE vs 212.7 M tag path)."),
-    ),
-    "s3diff": ModelSpec(
-        "s3diff", "S3Diff", _s3diff_calls, mergeable_lora=False, modulated_lora=True,
-        includes=("DEResNet on the LR at its own size; degradation MLPs; CLIP-H text encoder twice "
-                  "(positive + negative prompt); bilinear x4 (+ reflect pad to 64); VAE encoder with "
-                  "rank-16 LoRA; UNet twice (CFG 1.07) with rank-32 LoRA; VAE decoder. The LoRA is "
-                  "degradation-modulated (B . de_mod . A), cannot be merged, and is counted."),
-    ),
-    "adcsr": ModelSpec(
-        "adcsr", "AdcSR", _adcsr_calls, mergeable_lora=False, modulated_lora=False,
-        includes=("PixelUnshuffle(2) -> pruned condition-free UNet (no text, no time) -> half-width VAE "
+ADCSR_INCLUDES = ("PixelUnshuffle(2) -> pruned condition-free UNet (no text, no time) -> half-width VAE "
                   "decoder from its mid-block on (the 'half-decoder'); no VAE encoder, no text encoder, "
-                  "no prompt extractor; colour match (elementwise, not counted)."),
-    ),
-}
+                  "no prompt extractor; colour match (elementwise, not counted).")
+
+
+def model_spec(name: str) -> ModelSpec:
+    """A family's teacher: its :meth:`pipeline_spec`; a compressed model: its forward."""
+    from compress.families import get, models
+
+    known = models()
+    if name not in known:
+        raise AdcError(f"unknown model {name!r}; known: {', '.join(sorted(known))}")
+    family, kind = known[name]
+    if kind == "teacher":
+        p = get(family).pipeline_spec()
+        return ModelSpec(name, p.title, p.calls, p.mergeable_lora, p.modulated_lora, p.includes)
+    return ModelSpec(name, "AdcSR" if name == "adcsr" else name, _adcsr_calls, False, False,
+                     ADCSR_INCLUDES if name == "adcsr" else "the forward")
+
+
+SPECS: dict[str, ModelSpec] = {name: model_spec(name) for name in MODEL_ORDER}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,76 +200,9 @@ REFERENCE: tuple[Ref, ...] = (
 
 
 def _component_paths(model: nn.Module) -> dict[str, list[str]]:
-    """Component name -> module paths in ``model`` (a ModuleDict wrapper -> its children's paths)."""
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    out: dict[str, list[str]] = {}
-    for comp, mod in model.components().items():
-        if id(mod) in names and names[id(mod)]:
-            out[comp] = [names[id(mod)]]
-        else:
-            paths = [names.get(id(c)) for c in mod.children()]
-            if not paths or any(p is None for p in paths):
-                raise AdcError(f"{type(model).__name__}.components()[{comp!r}] is not made of the model's modules")
-            out[comp] = paths
-    return out
+    from compress.profile.pipeline import component_paths
 
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-class _LoraMixMacs:
-    """Counts S3Diff's de_mod mix (out_r = sum_k a_k M[k, r]: numel x r MACs) at each lora_A output."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.macs: dict[str, int] = {}
-        self._handles: list = []
-
-    def __enter__(self) -> "_LoraMixMacs":
-        for name, mod in self.model.named_modules():
-            if LORA_A_LEAF.search(name):
-                self._handles.append(mod.register_forward_hook(self._hook(name)))
-        return self
-
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            r = output.shape[1] if output.dim() == 4 else output.shape[-1]
-            self.macs[name] = self.macs.get(name, 0) + output.numel() * r
-
-        return hook
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-@dataclass
-class ModelCounts:
-    """Params and MACs of one model, per component (DataFrame indexed by component)."""
-
-    model: str
-    lr_size: int
-    sr_size: int
-    size: str
-    table: pd.DataFrame  # params, params_lora, macs_conv_linear, macs_lora, macs_attention, macs_other, macs_total
-    calls: list[str]
-    counter_version: str
-    dtype: str
-    seconds: float
-
-    @property
-    def total(self) -> pd.Series:
-        return self.table.sum(numeric_only=True)
-
-
-def _lora_params(model: nn.Module, paths: list[str]) -> int:
-    seen: dict[int, int] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        if ".lora_" in n and any(_under(n, pre) for pre in paths):
-            seen[id(p)] = p.numel()
-    return sum(seen.values())
+    return component_paths(model)
 
 
 def pipeline_calls(spec: ModelSpec, model: nn.Module, lr: torch.Tensor) -> list[Call]:
@@ -299,74 +211,11 @@ def pipeline_calls(spec: ModelSpec, model: nn.Module, lr: torch.Tensor) -> list[
 
 def count_model(spec: ModelSpec, size: str = "full", lr_size: int = 128, model: nn.Module | None = None) -> ModelCounts:
     """Params (per component) and MACs of the whole pipeline at ``lr_size`` -> 4 x ``lr_size``, on meta."""
-    from compress.zoo import build
+    from compress.families import build
 
-    t0 = time.perf_counter()
     if model is None:
         model = build(spec.name, size, "meta")
-    if any(p.device.type != "meta" for p in model.parameters()):
-        raise AdcError("count_model: pass a model built on meta (build(name, size, 'meta'))")
-    paths = _component_paths(model)
-    params = count_params(model, groups=paths)
-    if params["unassigned"]:
-        raise AdcError(f"{spec.title}: {params['unassigned']} parameters belong to no component of components()")
-
-    lr = torch.empty(1, 3, lr_size, lr_size, device="meta")
-    reports, labels = [], []
-    mix = _LoraMixMacs(model) if spec.modulated_lora else None
-    # device=None: the model already lives on meta; counting "on meta" as MacCounter(device='meta')
-    # would also make meta every tensor code creates without a device, and some pipeline code
-    # reads a host scalar (one_step_x0's .item() on the noise schedule).
-    counter = MacCounter(device=None, depth=64, root=model)
-    for label, fn, args in pipeline_calls(spec, model, lr):
-        if mix is not None:
-            with mix:
-                reports.append(counter.count(fn, *args))
-        else:
-            reports.append(counter.count(fn, *args))
-        labels.append(label)
-
-    rows = {}
-    for comp, prefixes in paths.items():
-        row = {"params": params["components"][comp], "params_lora": _lora_params(model, prefixes),
-               "macs_conv_linear": 0, "macs_lora": 0, "macs_attention": 0, "macs_other": 0}
-        for rep in reports:
-            for pre in prefixes:
-                d = rep.by_module.get(pre)
-                if d is None:
-                    continue
-                row["macs_conv_linear"] += d["conv_linear"]
-                row["macs_attention"] += d["attention"]
-                row["macs_other"] += d["other"]
-            lora_ab = sum(d["total"] for k, d in rep.by_module.items()
-                          if LORA_LEAF.search(k) and any(_under(k, pre) for pre in prefixes))
-            if spec.mergeable_lora:
-                row["macs_conv_linear"] -= lora_ab  # deployed merged
-            row["macs_lora"] += lora_ab
-        if mix is not None:
-            m = sum(v for k, v in mix.macs.items() if any(_under(k, pre) for pre in prefixes))
-            row["macs_attention"] -= m  # the counter scores the mix as activation x activation
-            row["macs_conv_linear"] += m
-            row["macs_lora"] += m
-            if row["macs_attention"] < 0:
-                raise AdcError(f"{spec.title}: LoRA mix accounting went negative in {comp}")
-        rows[comp] = row
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    # Whatever ran outside every component (glue code; normally zero): the pipeline's totals, with
-    # the same LoRA accounting, minus the components' sum.
-    mixed = sum(mix.macs.values()) if mix is not None else 0
-    lora_ab = sum(d["total"] for rep in reports for k, d in rep.by_module.items() if LORA_LEAF.search(k))
-    totals = {"macs_conv_linear": sum(r.conv_linear for r in reports) + mixed - (lora_ab if spec.mergeable_lora else 0),
-              "macs_attention": sum(r.attention for r in reports) - mixed,
-              "macs_other": sum(r.other for r in reports)}
-    outside = {k: int(v - table[k].sum()) for k, v in totals.items()}
-    if any(outside.values()):
-        table.loc["(outside components)"] = {"params": 0, "params_lora": 0, "macs_lora": 0, **outside}
-    table = table.astype("int64")
-    table["macs_total"] = table["macs_conv_linear"] + table["macs_attention"] + table["macs_other"]
-    dtype = reports[0].dtype or "float32"
-    return ModelCounts(spec.name, lr_size, 4 * lr_size, size, table, labels, reports[0].counter_version, dtype,
-                       time.perf_counter() - t0)
+    return count_pipeline(spec, model, lr_size, spec.name, size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +309,7 @@ class _Timed:
     """One model under timing: its pipeline, its calls so far, and the load it saw."""
 
     def __init__(self, spec: ModelSpec, size: str, lr_size: int, device: str, dtype: str):
-        from compress.zoo import build
+        from compress.families import build
         from compress.zoo.lora import merge_and_unload
 
         t0 = time.perf_counter()
@@ -604,7 +453,7 @@ class CompareOptions:
             raise AdcError(f"--threads {self.threads}: expected >= 1, or 0 for torch's default")
         if self.warmup < 0 or self.repeats < 1:
             raise AdcError(f"--warmup {self.warmup} / --repeats {self.repeats}: expected >= 0 / >= 1")
-        from compress.zoo import available
+        from compress.families import models as available
 
         missing = [m for m in self.models if m not in available()]
         if missing:
@@ -659,7 +508,7 @@ def run_compare(opts: CompareOptions, command: str, log: Callable[[str], None] =
     counts, small = {}, {}
     for name in opts.models:
         log(f"counting {name} ({opts.size}) on meta at LR {opts.lr_size}")
-        from compress.zoo import build
+        from compress.families import build
 
         model = build(name, opts.size, "meta")
         counts[name] = count_model(SPECS[name], opts.size, opts.lr_size, model)

@@ -9,8 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from compress.analysis import TaskFacts, analyse, osediff_facts
+from compress.analysis import TaskFacts, analyse
 from compress.errors import AdcError
+from compress.families import get
+
+
+def osediff_facts(prompt: str) -> TaskFacts:
+    return get("osediff").facts(prompt, 999)
+
 
 LR = {"lr": torch.zeros(1, 3, 32, 32)}
 ATTN2 = re.compile(r"^unet\..*transformer_blocks\.\d+\.attn2$")

@@ -13,13 +13,14 @@ from compress.analysis.__main__ import main
 
 def test_cli_writes_markdown_and_csv(tmp_path, capsys, one_thread):
     out = tmp_path / "reports" / "analysis.md"
-    rc = main(["--model", "sd21-unet", "--size", "tiny", "--lr-size", "32", "--prompt", "dropped", "--out", str(out)])
+    rc = main(["--model", "osediff", "--component", "unet", "--size", "tiny", "--lr-size", "32", "--prompt", "dropped",
+               "--out", str(out)])
     assert rc == 0
     md = out.read_text()
-    assert md.startswith("# Compression analysis: sd21-unet (tiny)")
+    assert md.startswith("# Compression analysis: osediff.unet (tiny)")
     summary = md[md.index("## Summary"):md.index("## How the numbers")]
     assert "| removable |" in summary and "| foldable |" in summary and "| prunable |" in summary
-    assert "FlopCounterMode" in summary and "device cpu" in summary and "float32" in summary
+    assert "FlopCounterMode" in summary and "device meta" in summary and "float32" in summary  # no weights needed
     assert "sample 1x4x16x16" in summary
     rows = pd.read_csv(out.with_suffix(".csv"))
     assert len(rows) > 100 and set(rows["classification"]) == {"removable", "foldable", "prunable", "keep"}
@@ -33,6 +34,7 @@ def test_cli_writes_markdown_and_csv(tmp_path, capsys, one_thread):
     (["--model", "resnet50"], "unknown model 'resnet50'"),
     (["--model", "osediff", "--prompt", "sometimes"], "--prompt 'sometimes'"),
     (["--model", "osediff", "--size", "huge"], "--size 'huge'"),
+    (["--model", "osediff", "--component", "wheels"], "--component 'wheels'"),
 ])
 def test_cli_user_mistake_is_one_line_exit_2(tmp_path, capsys, argv, what):
     rc = main(argv + ["--out", str(tmp_path / "a.md")])

@@ -8,7 +8,8 @@ import importlib.util
 import pytest
 import torch
 
-from compress.analysis import analyse, s3diff_facts, unet_facts
+from compress.analysis import analyse, unet_facts
+from compress.families import get
 
 
 def test_sd15_style_unet_on_meta():
@@ -40,7 +41,7 @@ def test_s3diff_shaped_pipeline(one_thread_module):
     from compress.zoo import build
 
     m = build("s3diff", "tiny", "cpu")
-    a = analyse(m, s3diff_facts("fixed"), {"lr": torch.zeros(1, 3, 32, 32)}, device=None, macs=False)
+    a = analyse(m, get("s3diff").facts("fixed", 999), {"lr": torch.zeros(1, 3, 32, 32)}, device=None, macs=False)
     cls = {r.module: r.classification for r in a.rows}
     assert cls["text_encoder"] == "foldable"  # fixed positive/negative prompt
     # The degradation estimator also drives the UNet's LoRA: shared, not part of the re-encoder.

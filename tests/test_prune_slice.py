@@ -11,7 +11,7 @@ from compress.errors import AdcError
 from compress.prune import presliced_width, remove_conditioning, slice_width, widen_module
 from compress.zoo.adcsr import (ADCSR, AdcSR, DecoderUpPath, build_adcsr, build_half_decoder, load_official,
                                 official_state_dicts)
-from compress.zoo.build import count_parameters
+from compress.zoo.construct import count_parameters
 from compress.zoo.sd import build_unet
 
 KEEP = 0.75

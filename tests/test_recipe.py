@@ -36,14 +36,22 @@ def test_set_overrides_reach_nested_stage_values():
 
 @pytest.mark.parametrize("text, expected", [
     ("name: x\nstages: [analyse]\nmodel: {}\n", r"r\.yaml\.model: unknown key"),
-    ("name: x\nstages:\n  - prune: {unet: {slice: {ratio_keep: fast}}}\n",
+    ("name: x\nmodels: {family: osediff}\nstages:\n  - prune: {unet: {slice: {ratio_keep: fast}}}\n",
      r"stages\.prune\.unet\.slice\.ratio_keep: expected a number"),
-    ("name: x\nstages:\n  - prune: {unet: {slice: {ratio_keep: 1.5}}}\n", r"ratio_keep: 1\.5 is outside"),
-    ("name: x\nstages:\n  - prune: {}\n  - analyse: {}\n", r"stage 'analyse' cannot come after 'prune'"),
-    ("name: x\nstages:\n  - shrink: {}\n", r"unknown stage 'shrink'"),
-    ("name: x\nmodels: {osediff: /nonexistent/osediff.pkl}\nstages: [analyse]\n", r"models\.osediff: .* does not exist"),
+    ("name: x\nmodels: {family: osediff}\nstages:\n  - prune: {unet: {slice: {ratio_keep: 1.5}}}\n",
+     r"ratio_keep: 1\.5 is outside"),
+    ("name: x\nmodels: {family: osediff}\nstages:\n  - prune: {}\n  - analyse: {}\n",
+     r"stage 'analyse' cannot come after 'prune'"),
+    ("name: x\nmodels: {family: osediff}\nstages:\n  - shrink: {}\n", r"unknown stage 'shrink'"),
+    ("name: x\nmodels: {family: osediff, weights: {osediff: /nonexistent/osediff.pkl}}\nstages: [analyse]\n",
+     r"models\.weights\.osediff: .* does not exist"),
     ("name: x\ntask: {prompt: sometimes}\nstages: [analyse]\n", r"task\.prompt: 'sometimes' is not one of"),
-    ("name: x\nstages:\n  - distill: {prompt: fixed}\n", r"distill\.prompt_text"),
+    ("name: x\nmodels: {family: osediff}\nstages:\n  - distill: {prompt: fixed}\n", r"distill\.prompt_text"),
+    # adc 0.1's schema gets a one-line migration message; the family is a plugin registry
+    ("name: x\nmodels: {size: full, teacher: osediff, sd21_base: null}\nstages: [analyse]\n",
+     r"models\.teacher: the recipe schema changed: write models: \{family: osediff"),
+    ("name: x\nmodels: {family: esrgan}\nstages: [analyse]\n", r"models\.family: unknown model family 'esrgan'"),
+    ("name: ../../etc\nmodels: {family: osediff}\nstages: [analyse]\n", r"name: '\.\./\.\./etc' must be a plain name"),
     ("stages: [analyse]\n", r"name: missing required key"),
     ("name: [x\n", r"not valid YAML"),
 ])
@@ -53,7 +61,7 @@ def test_bad_recipes_name_the_key(tmp_path, text, expected):
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
-    path = _write(tmp_path, "name: x\nstages:\n  - prune: {unet: {method: cut}}\n")
+    path = _write(tmp_path, "name: x\nmodels: {family: osediff}\nstages:\n  - prune: {unet: {method: cut}}\n")
     proc = subprocess.run([sys.executable, "-m", "compress.run", str(path), "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2

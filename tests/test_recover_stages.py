@@ -118,7 +118,7 @@ def test_stage2_lowers_student_teacher_feature_l1(tmp_path, one_thread):
 
     root = realsr()
     parts = tiny_stage2_parts(0)
-    cfg = DistillConfig(train_hr=[root / "HR"], crop=64, lr_g=2e-3, adv_start=6, engine=engine(8))
+    cfg = DistillConfig(train_hr=[root / "HR"], crop=64, lr_g=2e-3, adv_start=6, prompt="empty", engine=engine(8))
     bundle = tiny_stage2_bundle(cfg, 0, parts)
     d_before = {n: p.detach().clone() for n, p in bundle.discriminator.named_parameters()}
     lr = eval_crops(root, "LR", 16) * 2 - 1  # real RealSR LR crops (training sees synthetic LR only)

@@ -124,7 +124,7 @@ def test_official_dir_spec_loads_the_highest_epoch(tmp_path, capsys):
 
 def test_run_folder_spec_loads_the_runs_last_student(tmp_path):
     from compress.prune import base_model, remove_conditioning, widen_module
-    from compress.student import compose_student, save_student
+    from compress.student import StudentState, compose_student, save_student
 
     torch.manual_seed(0)
     unet, r0 = base_model("compress.zoo.sd:build_unet", size="tiny")
@@ -133,7 +133,8 @@ def test_run_folder_spec_loads_the_runs_last_student(tmp_path):
     unet, r2 = widen_module(unet, "conv_in", in_channels=12)
     unet, r3 = widen_module(unet, "conv_out", out_channels=decoder.mid_block.resnets[0].in_channels)
     student = compose_student(unet, decoder)
-    save_student(tmp_path / "run" / "02-remove" / "student", student, [r0, r1, r2, r3], decoder, [d0])
+    save_student(tmp_path / "run" / "02-remove" / "student",
+                 StudentState(student, decoder, {"unet": [r0, r1, r2, r3], "decoder": [d0]}))
     lr = torch.rand(1, 3, 32, 32) * 2 - 1
     for spec in (tmp_path / "run", tmp_path / "run" / "02-remove" / "student"):
         loaded = load_sr_model(spec, "tiny", "cpu", log=lambda m: None)

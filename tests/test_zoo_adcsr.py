@@ -9,7 +9,7 @@ from compress.errors import AdcError
 from compress.io import atomic_torch_save
 from compress.zoo import build
 from compress.zoo.adcsr import ADCSR_TINY, build_adcsr, load_official, official_state_dicts
-from compress.zoo.build import count_parameters
+from compress.zoo.construct import count_parameters
 from official_adcsr_reference import official_forward
 
 

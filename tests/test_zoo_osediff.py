@@ -11,7 +11,7 @@ import torch
 
 from compress.errors import AdcError
 from compress.io import atomic_torch_save
-from compress.zoo.build import count_parameters
+from compress.zoo.construct import count_parameters
 from compress.zoo.dape import build_dape, load_ram_weights, official_state_dicts
 from compress.zoo.lora import (load_plain_state_dict, lora_layers, lora_parameter_count, merge_and_unload, plain_key,
                                set_lora_b)

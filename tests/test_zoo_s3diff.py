@@ -9,7 +9,7 @@ import torch
 
 from compress.errors import AdcError
 from compress.io import atomic_torch_save
-from compress.zoo.build import count_parameters
+from compress.zoo.construct import count_parameters
 from compress.zoo.lora import load_plain_state_dict, lora_layers, lora_parameter_count, plain_key, set_lora_b
 from compress.zoo.s3diff import (UNET_ADAPTER, build_s3diff, load_de_net, load_s3diff_pkl, s3diff_state_dict,
                                  unet_block_index, vae_block_index)

@@ -10,15 +10,17 @@ tensor with the pipeline inputs it depends on, and classifies every module as
 * **keep**: interfaces whose shapes the pipeline fixes, and live modules outside the pruning scopes;
 
 each with a human-readable reason. ``write_report`` writes Markdown + CSV;
-``python -m compress.analysis`` does both for a zoo model.
+``python -m compress.analysis`` does both for a family's model. The result carries its
+:class:`Plan`, which ``remove``/``fold``/``prune`` consume.
 """
 
 from .core import CLASSES, Analysis, Row, SingleComponent, analyse
-from .facts import TaskFacts, osediff_facts, s3diff_facts, unet_facts
+from .facts import TaskFacts, unet_facts
+from .plan import Decision, Plan, ScopePlan
 from .groups import CoupledLayer, PrunableGroup
 from .report import render_markdown, write_report
 
 __all__ = [
-    "CLASSES", "Analysis", "Row", "SingleComponent", "analyse", "TaskFacts", "osediff_facts", "s3diff_facts",
-    "unet_facts", "CoupledLayer", "PrunableGroup", "render_markdown", "write_report",
+    "CLASSES", "Analysis", "Row", "SingleComponent", "analyse", "TaskFacts", "unet_facts", "Plan", "Decision",
+    "ScopePlan", "CoupledLayer", "PrunableGroup", "render_markdown", "write_report",
 ]

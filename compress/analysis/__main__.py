@@ -1,11 +1,14 @@
-"""``python -m compress.analysis``: classify a zoo pipeline's modules and write Markdown + CSV.
+"""``python -m compress.analysis``: classify a model's modules and write Markdown + CSV.
 
-    python -m compress.analysis --model osediff --size full --lr-size 128 --prompt dropped \
-        --out reports/analysis-osediff.md
+    python -m compress.analysis --model FAMILY --size full --lr-size 128 --prompt dropped --out analysis.md
+    python -m compress.analysis --model FAMILY --component unet --size tiny --out unet.md
 
-Full-size models are built on ``meta`` (no memory, no weights: the analysis needs shapes and
-wiring only); tiny ones on the CPU with random weights. Prints the run time and peak RSS, which
-also go into the report. A user mistake (unknown model, bad option) exits 2 with one line.
+``--model``: a model family's teacher (any name in ``compress.families.available()``, plugins
+included) or one of its named compressed models (``adcsr``); ``--component`` analyses one part
+of it alone (a bare UNet called as ``unet(sample, timestep, encoder_hidden_states)``). Models
+are built on ``meta`` (no memory, no weights: the analysis needs shapes and wiring only). Prints
+the run time and peak RSS, which also go into the report. A user mistake (unknown model, bad
+option) exits 2 with one line.
 """
 
 from __future__ import annotations
@@ -16,56 +19,31 @@ import resource
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import AdcError
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to analyse a zoo model: its task facts and the inputs of one forward call."""
-
-    zoo: str
-    facts: Callable[[str], Any]
-    inputs: Callable[[Any, int], dict]
-    about: str
-
-
-def _lr(model: Any, lr: int) -> dict:
-    import torch
-
-    return {"lr": torch.zeros(1, 3, lr, lr)}
-
-
-def _unet_inputs(model: Any, lr: int) -> dict:
+def _unet_inputs(unet: Any, lr: int) -> dict:
     import torch
 
     side = lr // 2  # the latent of an x4 SR of an lr-sized input (8x VAE downsampling)
-    cad = model.config.cross_attention_dim
-    return {"sample": torch.zeros(1, model.config.in_channels, side, side), "timestep": torch.tensor([999]),
-            "encoder_hidden_states": torch.zeros(1, 77, cad)}
-
-
-def model_specs() -> dict[str, ModelSpec]:
-    from .facts import TaskFacts, osediff_facts, s3diff_facts, unet_facts
-
-    return {
-        "osediff": ModelSpec("osediff", osediff_facts, _lr, "OSEDiff: DAPE + CLIP + SD 2.1 VAE/UNet with LoRA"),
-        "s3diff": ModelSpec("s3diff", s3diff_facts, _lr, "S3Diff: DEResNet + degradation-guided LoRA on SD-Turbo"),
-        "adcsr": ModelSpec("adcsr", lambda p: TaskFacts(prompt=p, prompt_sources=(), prompt_encoders=(), edges=()),
-                           _lr, "the AdcSR student itself"),
-        "sd21-unet": ModelSpec("sd21-unet", unet_facts, _unet_inputs,
-                               "a bare SD 2.1 UNet (latent = lr-size/2, timestep 999, 77 text tokens)"),
-    }
+    cad = unet.config.cross_attention_dim
+    inputs = {"sample": torch.zeros(1, unet.config.in_channels, side, side), "timestep": torch.tensor([999]),
+              "encoder_hidden_states": torch.zeros(1, 77, cad)}
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        width = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, width), "time_ids": torch.zeros(1, 6)}
+    return inputs
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compress.analysis",
                                 description="Classify every module of a pipeline as removable / foldable / prunable / keep.")
-    p.add_argument("--model", required=True, help="zoo pipeline: " + ", ".join(model_specs()))
-    p.add_argument("--size", default="full", help="full (built on meta) or tiny (built on the CPU); default full")
+    p.add_argument("--model", required=True, help="a family's teacher or a named model (see compress.families.models())")
+    p.add_argument("--component", default=None, help="analyse one component of the model alone (e.g. unet)")
+    p.add_argument("--size", default="full", help="full or tiny widths (built on meta either way); default full")
     p.add_argument("--lr-size", type=int, default=128, help="side of the LR input; default 128 (-> 512 SR)")
     p.add_argument("--prompt", default="dropped", help="prompt policy: dropped, fixed or variable; default dropped")
     p.add_argument("--out", required=True, help="Markdown report path")
@@ -83,32 +61,41 @@ def _peak_rss_gib() -> float:
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
-    specs = model_specs()
-    if args.model not in specs:
-        raise AdcError(f"unknown model {args.model!r}; the analyser knows {', '.join(specs)}")
+    from ..families import build, get, models
+
+    known = models()
+    if args.model not in known:
+        raise AdcError(f"unknown model {args.model!r}; known: {', '.join(sorted(known))}")
     if args.size not in ("full", "tiny"):
         raise AdcError(f"--size {args.size!r} is not one of full, tiny")
     if args.prompt not in ("dropped", "fixed", "variable"):
         raise AdcError(f"--prompt {args.prompt!r} is not one of dropped, fixed, variable")
     if args.lr_size < 8 or args.lr_size % 8:
         raise AdcError(f"--lr-size {args.lr_size} must be a positive multiple of 8")
-    spec = specs[args.model]
 
-    from ..zoo import build
     from .core import analyse
+    from .facts import TaskFacts, unet_facts
     from .report import groups_csv_path, write_report
 
-    device = "meta" if args.size == "full" else "cpu"
-    if device == "cpu":
-        import torch
-
-        torch.set_num_threads(1)  # tiny tensors: a thread pool only adds contention on a shared CPU
-    model = build(spec.zoo, args.size, device)
-    facts = spec.facts(args.prompt)
-    inputs = spec.inputs(model, args.lr_size)
-    analysis = analyse(model, facts, inputs, model=f"{args.model} ({args.size})",
-                       device="meta" if device == "meta" else None, prune=not args.no_groups,
-                       min_side=args.min_side)
+    model = build(args.model, args.size, "meta")
+    fam_name, kind = known[args.model]
+    family = get(fam_name)
+    call = getattr(family, "analysis_call", None) if kind == "teacher" else None
+    if args.component:
+        comps = model.components() if hasattr(model, "components") else dict(model.named_children())
+        if args.component not in comps:
+            raise AdcError(f"--component {args.component!r}: {args.model} has {', '.join(comps)}")
+        model, call = comps[args.component], None
+        facts, inputs = unet_facts(args.prompt), _unet_inputs(model, args.lr_size)
+    elif kind == "teacher":
+        facts, inputs = family.facts(args.prompt, 999), family.example_inputs(args.lr_size, "meta", model)
+    else:  # a compressed model: nothing left to drop but what it keeps
+        facts = TaskFacts(prompt=args.prompt, prompt_sources=(), prompt_encoders=(), edges=())
+        inputs = family.example_inputs(args.lr_size, "meta")
+    name = f"{args.model}.{args.component}" if args.component else args.model
+    analysis = analyse(model, facts, inputs, model=f"{name} ({args.size})", device="meta",
+                       prune=not args.no_groups, min_side=args.min_side,
+                       call=(lambda m, **kw: call(m, **kw)) if call else None)
     out = Path(args.out)
     csv = Path(args.csv) if args.csv else out.with_suffix(".csv")
     seconds = round(time.perf_counter() - t0, 1)

@@ -1,7 +1,7 @@
 """Classify every module of a pipeline as removable, foldable, prunable or keep, with a reason.
 
 The classification is derived from the traced dataflow (:mod:`.dataflow`) and the task facts
-(:mod:`.facts`), not from module names, so it carries over to pipelines other than OSEDiff:
+(:mod:`.facts`), not from module names, so it carries over from one family's pipeline to another:
 
 removable
     * a prompt source (the tagger) when the prompt is fixed or dropped;
@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -81,6 +82,7 @@ class Analysis:
     rows: list[Row]
     groups: list[PrunableGroup]
     info: dict[str, Any] = field(default_factory=dict)
+    plan: Any = None  # compress.analysis.plan.Plan
 
     def row(self, name: str) -> Row:
         for r in self.rows:
@@ -199,7 +201,7 @@ def _inputs(example_inputs: Any, facts: TaskFacts) -> dict[str, Any]:
 
 
 def component_paths(bundle: nn.Module, comps: dict[str, nn.Module]) -> dict[str, list[str]]:
-    """Module paths of each component (a container built on the fly, like OSEDiff's
+    """Module paths of each component (a container built on the fly, like a family's
     ``nn.ModuleDict({"encoder": vae.encoder, ...})``, stands for its children)."""
     names: dict[int, str] = {}
     for n, m in bundle.named_modules():
@@ -252,8 +254,12 @@ def _to_meta(x: Any) -> Any:
 
 def analyse(bundle: Any, facts: TaskFacts | None = None, example_inputs: Any = None, *, model: str | None = None,
             device: str | None = "meta", prune: bool = True, min_side: int = 16, probe: str = "single",
-            macs: bool = True) -> Analysis:
+            macs: bool = True, call: Callable[..., Any] | None = None, keep: Sequence[str] = (),
+            extra_scopes: Sequence[str] = ()) -> Analysis:
     """Trace ``bundle(**example_inputs)`` and classify every module (see the module docstring).
+
+    The result carries its :class:`~compress.analysis.plan.Plan` (``analysis.plan``): what
+    ``remove``/``fold``/``prune`` do, with the dependency graphs they reuse.
 
     device: ``"meta"`` (default) traces and counts on meta stand-ins (the model is untouched and
         nothing is allocated); ``None`` runs on the model's own device (needed only when its
@@ -263,6 +269,12 @@ def analyse(bundle: Any, facts: TaskFacts | None = None, example_inputs: Any = N
     macs: count MACs (in the same forward pass as the trace); ``False`` classifies only (MACs are 0).
     probe: ``"single"`` (default, fast) or ``"full"`` index probing of the groups (see
         :func:`compress.analysis.groups.iter_groups`); both give the same groups.
+    call: ``call(bundle, **inputs)`` runs one inference instead of ``bundle(**inputs)`` (e.g. a
+        prompt extractor whose output reaches the pipeline only through a tokenizer).
+    keep: glob patterns of pipeline paths the plan must keep (a recipe override: a module the
+        analysis would remove, fold or prune stays as it is); each must match a module.
+    extra_scopes: modules to prune besides the automatic scopes (a recipe override: they must be
+        live networks on the image path that the analysis keeps).
     """
     facts = facts if facts is not None else TaskFacts()
     if not isinstance(facts, TaskFacts):
@@ -270,6 +282,10 @@ def analyse(bundle: Any, facts: TaskFacts | None = None, example_inputs: Any = N
     if device not in ("meta", None):
         raise AdcError(f"analyse: device={device!r}, expected 'meta' or None")
     bundle, comps = as_bundle(bundle)
+    names = [n for n, _ in bundle.named_modules()]
+    for pat in keep:  # a recipe override that names nothing is a typo: say so before tracing
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise AdcError(f"analyse.keep: {pat!r} matches no module of the pipeline")
     if example_inputs is None:
         raise AdcError("analyse: example_inputs is required (e.g. {'lr': torch.zeros(1, 3, 128, 128)})")
     inputs = _inputs(example_inputs, facts)
@@ -283,7 +299,7 @@ def analyse(bundle: Any, facts: TaskFacts | None = None, example_inputs: Any = N
     result: dict[str, Trace] = {}
 
     def traced(**kw: Any) -> Any:
-        result["trace"] = trace(bundle, facts, kw)
+        result["trace"] = trace(bundle, facts, kw, call_fn=(lambda b, i: call(b, **i)) if call else None)
         return None
 
     def count(dev: str | None, inp: dict) -> Any:
@@ -301,7 +317,7 @@ def analyse(bundle: Any, facts: TaskFacts | None = None, example_inputs: Any = N
             report = count(None, inputs)
         elif on_meta:
             # Already on meta: run as given, so tensors the forward makes itself stay where its code
-            # puts them (OSEDiff's alpha_bar is a CPU scalar read with .item()).
+            # puts them (a noise schedule read as a CPU scalar with .item()).
             report = count(None, _to_meta(inputs))
         else:
             try:
@@ -319,13 +335,15 @@ def analyse(bundle: Any, facts: TaskFacts | None = None, example_inputs: Any = N
     c = _Classifier(bundle, comps, facts, tr, report, model or type(bundle).__name__)
     c.notes.extend(mac_notes)
     c.probe, c.pruned = probe, prune
+    c.extra_scopes = list(extra_scopes)
     c.classify()
     t0 = time.perf_counter()
     dev = _device_of(bundle)
     on_dev = pytree.tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, inputs)
-    groups, builds = c.prune(on_dev, min_side) if prune else ([], [])
+    groups, builds, graphs = c.prune(on_dev, min_side) if prune else ([], [], {})
     timings["pruning_groups_s"] = time.perf_counter() - t0
     rows = c.rows(groups)
+    _apply_keep(rows, list(keep), c.notes)
     info = {
         "macs_total": report.total,
         "macs_attention": report.attention,
@@ -338,10 +356,31 @@ def analyse(bundle: Any, facts: TaskFacts | None = None, example_inputs: Any = N
         "re_encoder": c.reencoder_info,
         "components": c.comp_paths,
         "scopes": list(c.scopes),
+        "interfaces": dict(c.interfaces),
+        "extra_scopes": list(extra_scopes),
+        "graphs": graphs,
+        "mac_report": report if macs else None,  # the counter's report (by module, depth 64): reused by profiling
         "notes": c.notes,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
-    return Analysis(model=c.model, facts=facts, rows=rows, groups=groups, info=info)
+    result = Analysis(model=c.model, facts=facts, rows=rows, groups=groups, info=info)
+    from .plan import build_plan
+
+    result.plan = build_plan(result, list(keep))
+    return result
+
+
+def _apply_keep(rows: list[Row], keep: list[str], notes: list[str]) -> None:
+    """A recipe's ``keep`` override: matching modules (and what is inside them) become ``keep``."""
+    from .plan import matches
+
+    for r in rows:
+        pat = matches(r.module, keep)
+        if pat is not None and not r.reason.startswith("kept by the recipe"):
+            was = f"{r.classification}: {r.reason}" if r.classification != "keep" else r.reason
+            r.classification, r.reason = "keep", f"kept by the recipe (analyse.keep {pat!r}); the analysis said {was}"
+    if keep:
+        notes.append(f"kept by the recipe: {', '.join(keep)}")
 
 
 class _Classifier:
@@ -877,8 +916,27 @@ class _Classifier:
                 if i in self.live_calls and self._is_network(self.modules[name]) and \
                         any(lab & self.image_labels() for lab in self.arg_labels.get(i, {}).values()):
                     self.scopes.append(name)
+        for name in getattr(self, "extra_scopes", []):
+            self._check_extra_scope(name)
+            self.scopes.append(name)
         for s in self.scopes:
             self._interfaces(s)
+
+    def _check_extra_scope(self, name: str) -> None:
+        """A recipe's ``prune`` override: a live network on the image path that no scope covers."""
+        if name not in self.modules:
+            raise AdcError(f"analyse.prune: {name!r} is not a module of the pipeline")
+        if name in self.scopes or any(name.startswith(s + ".") for s in self.scopes):
+            raise AdcError(f"analyse.prune: {name!r} is already pruned (in scope "
+                           f"{next(s for s in self.scopes if name == s or name.startswith(s + '.'))!r})")
+        verdict = self.verdict.get(name)
+        if verdict is not None and verdict[0] in ("removable", "foldable"):
+            raise AdcError(f"analyse.prune: {name!r} is {verdict[0]} ({verdict[1][:120]}); it cannot be pruned")
+        if not self.calls_of.get(name) or not any(i in self.live_calls for i in self.calls_of[name]):
+            raise AdcError(f"analyse.prune: {name!r} is not called on the way to the pipeline output")
+        if not self._is_network(self.modules[name]):
+            raise AdcError(f"analyse.prune: {name!r} has fewer than two convolution/linear layers; "
+                           "nothing to prune between interfaces")
 
     def _unit_below(self, call: int | None, scope_call: int) -> int | None:
         """Innermost-first search for a layer call between an op and the scope call."""
@@ -972,6 +1030,7 @@ class _Classifier:
         """torch-pruning groups of every scope, each traced in a run of the pipeline at reduced resolution."""
         groups: list[PrunableGroup] = []
         builds: list[dict] = []
+        graphs: dict[str, Any] = {}
         for scope in self.scopes:
             call = self.tr.calls[self.calls_of[scope][0]]
             factor = 0
@@ -991,13 +1050,15 @@ class _Classifier:
             runs.append(lambda small=small: self.bundle(**small))
             skip = {id(self._base(self.modules[n])) for n in self.calls_of
                     if (n == scope or n.startswith(scope + ".")) and self._internal(n)}
-            gs, info = dependency_groups(module, scope, runs, self.names, ignored=outs, start_id=len(groups),
-                                         probe=self.probe, skip_roots=skip)
+            grad = {a for a, labs in self.arg_labels.get(call.idx, {}).items() if VARIABLE in self.kinds(labs)}
+            gs, info, graphs[scope] = dependency_groups(module, scope, runs, self.names, ignored=outs,
+                                                        start_id=len(groups), probe=self.probe, skip_roots=skip,
+                                                        grad_inputs=grad or None)
             info["pipeline_inputs"] = ", ".join(f"{k} {tuple(v.shape)}" for k, v in small.items()
                                                 if isinstance(v, torch.Tensor))
             groups.extend(gs)
             builds.append(info)
-        return groups, builds
+        return groups, builds, graphs
 
     def _internal(self, name: str) -> bool:
         """A removable/foldable layer whose outputs stay inside removed or folded modules."""

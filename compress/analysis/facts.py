@@ -3,7 +3,8 @@
 The same network is removable, foldable or essential depending on the task: a text encoder is
 dead weight when the prompt is dropped, a constant when the prompt is fixed, and part of the
 model when the prompt changes per image. The analyser reads these facts instead of hard-coding
-AdcSR's choices, so it applies to OSEDiff, S3Diff or a plain SD UNet alike.
+AdcSR's choices, so it applies to any family's pipeline or a plain SD UNet alike (each family states
+its facts: :meth:`compress.families.ModelFamily.facts`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ class TaskFacts:
 
     variable: pipeline inputs (keyword names of ``bundle.forward``) that change per image.
     constant: inputs or settings fixed for the task (``timestep=999``). Tensors passed under
-        these names are labelled constant; settings held by the bundle itself (OSEDiff's
+        these names are labelled constant; settings held by the bundle itself (a pipeline's
         ``self.timestep``) need no entry, since tensors built from Python numbers carry no
         label and count as constant anyway. Values are shown in the report.
     prompt: ``variable`` (a prompt per image: keep its path), ``fixed`` (one prompt for every
         image: its path is a constant, fold it) or ``dropped`` (no prompt: remove its path).
     prompt_inputs: pipeline inputs that carry the prompt (e.g. ``prompt_embeds``).
-    prompt_sources: modules whose *output* is the prompt (OSEDiff's DAPE tagger). With a fixed
+    prompt_sources: modules whose *output* is the prompt (a tagger that writes it). With a fixed
         or dropped prompt they are removable: the prompt no longer comes from them.
     prompt_encoders: modules whose *input* is the prompt (the text encoder). Their inputs are
         labelled as the prompt, because the step before them (tags -> tokenizer -> ids) is not
@@ -47,9 +48,9 @@ class TaskFacts:
     constant: dict[str, Any] = field(default_factory=lambda: {"timestep": 999})
     prompt: str = "dropped"
     prompt_inputs: tuple[str, ...] = ("prompt_embeds", "encoder_hidden_states")
-    prompt_sources: tuple[str, ...] = ("prompt_extractor",)
+    prompt_sources: tuple[str, ...] = ()
     prompt_encoders: tuple[str, ...] = ("text_encoder",)
-    edges: tuple[tuple[str, str], ...] = (("prompt_extractor", "text_encoder"),)
+    edges: tuple[tuple[str, str], ...] = ()
     prune_scopes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -83,16 +84,6 @@ class TaskFacts:
         return (f"variable inputs: {', '.join(self.variable)}; constants: {const}; prompt: {self.prompt} "
                 f"(prompt inputs {', '.join(self.prompt_inputs) or '-'}, sources {', '.join(self.prompt_sources) or '-'}, "
                 f"encoders {', '.join(self.prompt_encoders) or '-'})")
-
-
-def osediff_facts(prompt: str = "dropped") -> TaskFacts:
-    """OSEDiff and pipelines shaped like it: LR in, one step at t=999, DAPE tags -> CLIP -> cross-attention."""
-    return TaskFacts(prompt=prompt)
-
-
-def s3diff_facts(prompt: str = "fixed") -> TaskFacts:
-    """S3Diff: LR in, t=999, a fixed positive prompt (its default task uses fixed prompts)."""
-    return TaskFacts(prompt=prompt, prompt_sources=(), edges=())
 
 
 def unet_facts(prompt: str = "dropped") -> TaskFacts:

@@ -218,7 +218,8 @@ def iter_groups(dg: Any, ignored: list[nn.Module], probe: str = "single", skip_r
 
 def dependency_groups(scope: nn.Module, scope_name: str, runs: list[Callable[[], Any]], names: dict[int, str],
                       ignored: list[nn.Module] = (), start_id: int = 0, probe: str = "single",
-                      skip_roots: set[int] = frozenset()) -> tuple[list[PrunableGroup], dict[str, Any]]:
+                      skip_roots: set[int] = frozenset(), grad_inputs: set[str] | None = None
+                      ) -> tuple[list[PrunableGroup], dict[str, Any], Any]:
     """All torch-pruning groups of ``scope`` (named ``scope_name`` in the pipeline).
 
     ``runs``: ways to make the scope run at reduced resolution without grad, tried in order
@@ -230,7 +231,10 @@ def dependency_groups(scope: nn.Module, scope_name: str, runs: list[Callable[[],
     follow their base layer (``lora_A`` its input channels, ``lora_B`` its output channels), and
     tracing them would only add rank "groups". ``names``: id of a module -> its qualified name in
     the pipeline. ``ignored``: layers whose output channels are interfaces (never roots).
-    Returns the groups and facts about the build (scope input shapes, time).
+    ``grad_inputs``: names of the scope's inputs on the image path; only they start the autograd
+    graph (the others, e.g. a prompt embedding or SDXL's added time ids, enter as constants, so a
+    concatenation of raw inputs, whose widths torch-pruning cannot infer, never enters the graph).
+    Returns the groups, facts about the build (scope input shapes, time) and the graph itself.
     """
     import time
 
@@ -249,7 +253,18 @@ def dependency_groups(scope: nn.Module, scope_name: str, runs: list[Callable[[],
                 return t.detach().requires_grad_(True)  # the autograd graph exists even through frozen layers
             return t
 
-        args, kwargs = pytree.tree_map(fresh, tuple(args)), pytree.tree_map(fresh, dict(kwargs))
+        def const(t: Any) -> Any:
+            return t.detach() if isinstance(t, torch.Tensor) else t
+
+        if grad_inputs is None:
+            args, kwargs = pytree.tree_map(fresh, tuple(args)), pytree.tree_map(fresh, dict(kwargs))
+        else:
+            from .dataflow import _arg_names
+
+            pairs = _arg_names(module, args, kwargs, {})
+            n_pos = len(args)
+            done = [pytree.tree_map(fresh if name in grad_inputs else const, v) for name, v in pairs]
+            args, kwargs = tuple(done[:n_pos]), {name: v for (name, _), v in zip(pairs[n_pos:], done[n_pos:])}
         state["shapes"] = _shape_str(args, kwargs)
         return args, kwargs
 
@@ -296,8 +311,9 @@ def dependency_groups(scope: nn.Module, scope_name: str, runs: list[Callable[[],
         for m in lora:
             m._disable_adapters = True
         with torch.enable_grad():
-            dg.build_dependency(scope, example_inputs=None, forward_fn=forward_fn,
-                                ignored_layers=list(ignored), verbose=False)
+            # Interface layers are traced too (the graph is reused for pruning, where an interface's
+            # inner side is pruned with its group); they are only never roots (iter_groups).
+            dg.build_dependency(scope, example_inputs=None, forward_fn=forward_fn, verbose=False)
         raw = list(iter_groups(dg, list(ignored), probe, skip_roots))
     except AdcError:
         raise
@@ -416,7 +432,7 @@ def dependency_groups(scope: nn.Module, scope_name: str, runs: list[Callable[[],
             "lora_layers_off": len(lora), "groups": len(groups),
             "seconds": round(elapsed, 2), "device": str(p0.device) if p0 is not None else "-",
             "dtype": str(p0.dtype).replace("torch.", "") if p0 is not None else "-"}
-    return groups, info
+    return groups, info, dg
 
 
 def _tuner_ancestors(name: str, by_name: dict[str, nn.Module]):

@@ -111,7 +111,7 @@ def render_markdown(a: Analysis) -> str:
         lines.append(f"- This analysis: {run.get('seconds', '?')} s wall for model build + analysis + report"
                      + (f" ({total} s since the process started, imports included)" if total is not None else "")
                      + f", {run.get('peak_rss_gib', '?')} GiB peak RSS (whole process), on {run.get('machine', '?')}; "
-                     f"stages: {info.get('timings', {})}. Budget for the full-size OSEDiff: 60 s and 6 GiB.")
+                     f"stages: {info.get('timings', {})}. Budget for a full-size SD-based teacher: 30 s and 6 GiB.")
     lines.append("")
 
     # components

@@ -1,6 +1,6 @@
 """Real-ESRGAN second-order degradation (HR -> LR) with AdcSR's settings, batched and seeded.
 
-Why our own: AdcSR (like S3Diff and OSEDiff) synthesises its LR inputs on the fly with
+Why our own: AdcSR (like the one-step SR models it distils) synthesises its LR inputs on the fly with
 basicsr's Real-ESRGAN pipeline. Here it is one torch module that runs on any device, takes all
 its randomness from a ``torch.Generator`` (same seed -> bit-identical LR on the same device and
 torch build), and is configured by a validated dataclass.

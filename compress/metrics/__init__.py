@@ -1,7 +1,7 @@
 """Image-quality metrics for SR evaluation.
 
 PSNR/SSIM are adc's own, numerically matching pyiqa's Y-channel (ycbcr) versions as used by
-OSEDiff and AdcSR; learned metrics go through pyiqa when it and its weights are on disk.
+the one-step SR papers (pyiqa, Y channel); learned metrics go through pyiqa when it and its weights are on disk.
 Names are resolved lazily (PEP 562) so that command-line tools can check their input and
 fail fast before torch is imported.
 """

@@ -25,7 +25,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 def list_images(folder: str | os.PathLike, role: str = "image") -> list[Path]:
     """Image files directly in ``folder``, sorted by file name; hidden files and sub-folders ignored.
 
-    Sorted order is the pairing rule of OSEDiff/StableSR evaluation (SR and HR names may differ).
+    Sorted order is the pairing rule of the StableSR-protocol evaluation scripts (SR and HR names may differ).
     """
     folder = Path(folder)
     if not folder.exists():

@@ -1,7 +1,8 @@
-"""Parser for the per-image metric logs written by OSEDiff's pyiqa evaluation script.
+"""Parser for the per-image metric logs written by the pyiqa evaluation script of the
+one-step SR repositories (``test_metrics.py``).
 
 Why: those logs are the reference numbers our metrics are checked against.
-A line looks like ``... - INFO: results_osediff/Canon_001_LR4.png | PSNR: 25.793726; SSIM: 0.851268; ... | Runtime: 1.06 sec``
+A line looks like ``... - INFO: results_x/Canon_001_LR4.png | PSNR: 25.793726; SSIM: 0.851268; ... | Runtime: 1.06 sec``
 and the means like ``PSNR: 25.1511; SSIM: 0.7341; ... | FID: 123.493817 | FID Runtime: 6.79 sec``.
 """
 

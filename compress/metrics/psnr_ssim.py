@@ -1,6 +1,6 @@
 """PSNR and SSIM on the Y channel, numerically as pyiqa computes them.
 
-Why: OSEDiff and AdcSR report ``pyiqa.create_metric('psnr'|'ssim', test_y_channel=True,
+Why: the one-step SR papers (and AdcSR) report ``pyiqa.create_metric('psnr'|'ssim', test_y_channel=True,
 color_space='ycbcr')`` (pyiqa 0.1.10 - 0.1.13). Papers compare to those numbers, so the
 compressed students must be scored the same way, without making pyiqa a dependency.
 Own implementation; the behaviour reproduced is:

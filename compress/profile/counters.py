@@ -218,6 +218,24 @@ if hasattr(_aten, "_scaled_mm"):
     _MATMUL_OPERANDS[_aten._scaled_mm] = (0, 1)
 
 
+# Ops FlopCounterMode would decompose into prims before counting (they are not in its registry):
+# none of them multiplies matrices, so their MACs are 0 either way, but decomposing norms,
+# activations, resampling and reductions multiplies the dispatched ops several times over and is
+# what made counting a whole pipeline on meta slow. They run as they are.
+_MAC_FREE = frozenset("""
+    native_group_norm group_norm native_layer_norm layer_norm native_batch_norm batch_norm
+    silu silu_ gelu gelu_ relu relu_ sigmoid tanh leaky_relu hardtanh mish softplus elu
+    _softmax softmax _log_softmax log_softmax
+    add add_ sub sub_ rsub mul mul_ div div_ pow sqrt rsqrt exp log neg abs clamp clamp_ clamp_min clamp_max
+    where masked_fill mean sum var var_mean std std_mean amax amin
+    upsample_nearest2d upsample_bilinear2d upsample_bicubic2d _upsample_bilinear2d_aa _upsample_bicubic2d_aa
+    upsample_nearest2d_backward pixel_unshuffle pixel_shuffle constant_pad_nd reflection_pad2d replication_pad2d
+    avg_pool2d adaptive_avg_pool2d adaptive_avg_pool1d max_pool2d_with_indices native_dropout dropout
+    cat stack split split_with_sizes chunk unbind roll flip repeat tile clone _to_copy copy_ contiguous
+    embedding erf cos sin floor round lerp addcmul addcdiv cumsum
+""".split())
+
+
 class _ClassifyingCounter(_fc.FlopCounterMode):
     """FlopCounterMode that also sorts each counted op into conv_linear / attention / other.
 
@@ -267,6 +285,13 @@ class _ClassifyingCounter(_fc.FlopCounterMode):
         if "attention" in name and "backward" not in name:
             return "attention"
         return "other"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = getattr(func, "_overloadpacket", None)
+        if packet is not None and packet not in self.flop_registry and getattr(packet, "__name__", "") in _MAC_FREE:
+            kwargs = kwargs or {}
+            return self._count_flops(packet, func(*args, **kwargs), args, kwargs)
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
     def _count_flops(self, func_packet, out, args, kwargs):
         if func_packet in self.flop_registry:

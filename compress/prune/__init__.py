@@ -28,7 +28,7 @@ from .attention import ScaledSDPAProcessor
 from .channels import ChannelPruneConfig, apply_history, prune_channels
 from .fold import fold_cross_attention, fold_timestep
 from .interface import presliced_width, widen_conv, widen_module
-from .persist import base_model, load_compressed, replay, save_compressed
+from .persist import base_model, base_record, load_compressed, replay, save_compressed
 from .remove import remove_conditioning, remove_modules
 from .slice import SliceConfig, slice_width
 
@@ -37,5 +37,5 @@ __all__ = [
     "remove_modules", "remove_conditioning", "fold_timestep", "fold_cross_attention",
     "widen_conv", "widen_module", "presliced_width", "slice_width", "SliceConfig",
     "ChannelPruneConfig", "prune_channels", "apply_history",
-    "base_model", "save_compressed", "load_compressed", "replay",
+    "base_model", "base_record", "save_compressed", "load_compressed", "replay",
 ]

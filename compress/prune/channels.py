@@ -509,19 +509,28 @@ def finish(model: nn.Module, gn_before: dict[str, tuple[int, int]], attn_before:
 def prune_channels(model: nn.Module, config: ChannelPruneConfig | dict, example_inputs: Any,
                    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
                    importance_batches: Callable[[], Iterable[Any]] | None = None,
-                   loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
-                   ) -> tuple[nn.Module, TransformRecord]:
+                   loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+                   graph: Any = None) -> tuple[nn.Module, TransformRecord]:
     """Prune channels of ``model`` in place with torch-pruning's dependency graph.
 
     ``example_inputs``: what the model is called with for tracing (dict -> kwargs, tuple -> args,
     tensor). ``forward_fn(model, inputs)``: how to call it instead (its first tensor output is used).
     ``importance_batches()``: for ``importance="taylor"``, an iterable of batches (each in the
     ``example_inputs`` format); gradients of ``loss_fn(output, batch)`` (default: mean squared
-    output) are accumulated over them. Returns ``(model, record)``; the record's ``extra`` holds
-    torch-pruning's ``pruning_history()`` and the per-group decisions.
+    output) are accumulated over them. ``graph``: a torch-pruning ``DependencyGraph`` of
+    ``model`` to use instead of tracing one (the analysis plan's, see
+    :meth:`compress.analysis.Plan.take_graph`). On ``meta`` (a structure-only model) every
+    importance is replaced by the leading-channel order: the architecture only depends on how
+    many channels go. Returns ``(model, record)``; the record's ``extra`` holds torch-pruning's
+    ``pruning_history()`` and the per-group decisions.
     """
     cfg = config if isinstance(config, ChannelPruneConfig) else ChannelPruneConfig.from_dict(config)
     cfg.validate("prune")
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and cfg.importance != "slice":
+        from dataclasses import replace
+
+        cfg = replace(cfg, importance="slice")  # no values to rank: the shapes are the same for any choice
     if cfg.importance == "taylor" and importance_batches is None:
         raise AdcError("prune.importance='taylor' needs importance_batches (a callable returning batches)")
     refuse_wrappers(model, "prune_channels")
@@ -540,7 +549,7 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig | dict, example_
         ref_shape = tuple(main_tensor((forward_fn or call_model)(model, example_inputs)).shape)
 
     with tracing_state(model):
-        dg = build_graph(model, example_inputs, forward_fn)
+        dg = graph if graph is not None else build_graph(model, example_inputs, forward_fn)
         n_batches = 0
         if cfg.importance == "taylor":
             n_batches = _accumulate_gradients(model, importance_batches(), forward_fn, loss_fn)
@@ -573,7 +582,8 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig | dict, example_
                "pruned": len(p.prune), "units_before": p.units_before, "units_after": p.units_after,
                **({"note": p.note} if p.note else {})} for p in plans]
     extra = {"pruning_history": history, "groups": groups, "importance_batches": n_batches,
-             "trace": trace,
+             "trace": trace, "graph": "the analysis plan's" if graph is not None else "traced here",
+             **({"structure_only": "built on meta: leading channels kept"} if on_meta else {}),
              "policies": {"gn_policy": cfg.gn_policy, "attention": cfg.attention,
                           "attention_scale": cfg.attention_scale,
                           "temperature": ("1/sqrt(original head size) kept" if cfg.attention_scale == "keep"

@@ -24,31 +24,66 @@ from ._common import Constant, ModuleChange, TransformRecord, count_params, desc
 
 _UNSUPPORTED_TOP = {
     "class_embedding": "a class embedding depends on class labels",
-    "add_embedding": "an added embedding depends on extra inputs (SDXL-style)",
     "encoder_hid_proj": "the text input is projected first (encoder_hid_proj)",
     "time_embed_act": None,  # supported: applied to the constant
 }
 
 
-def time_embedding_at(unet: nn.Module, timestep: int | float) -> torch.Tensor:
-    """The ``emb`` a diffusers UNet feeds its blocks at ``timestep`` (batch 1), as its forward computes it."""
+def _text_time(unet: nn.Module, text_time: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(pooled text embeds, time ids) for an SDXL-style ``text_time`` added embedding, as tensors."""
+    add = getattr(unet, "add_embedding", None)
+    kind = getattr(getattr(unet, "config", None), "addition_embed_type", None)
+    if add is None:
+        return None
+    if kind != "text_time":
+        raise AdcError(f"fold_timestep: cannot fold the added embedding of addition_embed_type={kind!r} "
+                       "(only SDXL's 'text_time', with constant time ids, is supported)")
+    if not text_time or "time_ids" not in text_time:
+        raise AdcError("fold_timestep: this UNet adds a 'text_time' embedding (SDXL-style); pass "
+                       "text_time={'time_ids': [...], 'text_embeds': None (a dropped pooled prompt: zeros) or a tensor}")
+    p = next(unet.parameters())
+    ids = torch.as_tensor(text_time["time_ids"], dtype=p.dtype, device=p.device).reshape(1, -1)
+    text = text_time.get("text_embeds")
+    in_features = add.linear_1.in_features
+    if text is None:  # a dropped pooled prompt is SDXL's "zeros for the empty prompt"
+        width = in_features - ids.shape[1] * unet.add_time_proj.num_channels
+        text = torch.zeros(1, width, dtype=p.dtype, device=p.device)
+    text = torch.as_tensor(text, dtype=p.dtype, device=p.device).reshape(1, -1)
+    return text, ids
+
+
+def time_embedding_at(unet: nn.Module, timestep: int | float, text_time: dict | None = None) -> torch.Tensor:
+    """The ``emb`` a diffusers UNet feeds its blocks at ``timestep`` (batch 1), as its forward computes it.
+
+    ``text_time``: for an SDXL-style added embedding, ``{"time_ids": [...], "text_embeds": tensor or
+    None}`` (None: the dropped pooled prompt, zeros); its embedding is added as the forward does.
+    """
     p = next(unet.parameters())
     dtype = torch.float64 if isinstance(timestep, float) and p.device.type != "mps" else torch.int64
     t = torch.tensor([timestep], dtype=dtype, device=p.device)
+    added = _text_time(unet, text_time)
     with torch.no_grad():
         t_emb = unet.time_proj(t).to(dtype=p.dtype)
         emb = unet.time_embedding(t_emb, None)
+        if added is not None:
+            text, ids = added
+            time_embeds = unet.add_time_proj(ids.flatten()).reshape(1, -1)
+            emb = emb + unet.add_embedding(torch.cat([text, time_embeds.to(text.dtype)], dim=-1).to(emb.dtype))
         if getattr(unet, "time_embed_act", None) is not None:
             emb = unet.time_embed_act(emb)
     return emb
 
 
-def fold_timestep(unet: nn.Module, timestep: int | float = 999) -> tuple[ConditionFreeUNet, TransformRecord]:
+def fold_timestep(unet: nn.Module, timestep: int | float = 999, text_time: dict | None = None,
+                  planned: list[str] | None = None) -> tuple[ConditionFreeUNet, TransformRecord]:
     """Fold the time branch of a diffusers ``UNet2DConditionModel`` at ``timestep`` (in place).
 
     Returns a :class:`ConditionFreeUNet` sharing the blocks (cross-attention, if any, is kept:
-    call it as ``model(sample, encoder_hidden_states=...)``). Refuses class/added embeddings,
-    ``timestep_cond``, input centring and blocks that normalise with the embedding.
+    call it as ``model(sample, encoder_hidden_states=...)``). An SDXL-style ``text_time`` added
+    embedding folds too, given its constants (``text_time``, see :func:`time_embedding_at`).
+    Refuses class embeddings, ``timestep_cond``, input centring and blocks that normalise with
+    the embedding. ``planned``: the module names an analysis plan folds; they must be exactly
+    the ones this call folds.
     """
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -65,8 +100,15 @@ def fold_timestep(unet: nn.Module, timestep: int | float = 999) -> tuple[Conditi
     if getattr(unet.time_embedding, "cond_proj", None) is not None:
         raise AdcError("fold_timestep: the time embedding takes a timestep_cond input (cond_proj); not constant")
 
+    folded_names = [a for a in ("time_proj", "time_embedding", "add_time_proj", "add_embedding", "time_embed_act")
+                    if isinstance(getattr(unet, a, None), nn.Module)]
+    folded_names += [f"{n}.time_emb_proj" for n, m in unet.named_modules()
+                     if isinstance(getattr(m, "time_emb_proj", None), nn.Module)]
+    from .remove import check_planned
+
+    check_planned("fold_timestep", folded_names, planned)
     before = count_params(unet)
-    emb = time_embedding_at(unet, timestep)
+    emb = time_embedding_at(unet, timestep, text_time)
     changes: list[ModuleChange] = []
     folded = 0
     for name, m in unet.named_modules():
@@ -107,11 +149,16 @@ def fold_timestep(unet: nn.Module, timestep: int | float = 999) -> tuple[Conditi
         changes.append(ModuleChange(f"{name}.time_emb_proj", "removed", describe(proj), describe(None)))
         m.time_emb_proj = None
         folded += 1
-    for attr in ("time_proj", "time_embedding", "time_embed_act"):
+    for attr in ("time_proj", "time_embedding", "add_time_proj", "add_embedding", "time_embed_act"):
         if isinstance(getattr(unet, attr, None), nn.Module):
             changes.append(ModuleChange(attr, "removed", describe(getattr(unet, attr)), describe(None)))
     out = unet if isinstance(unet, ConditionFreeUNet) else ConditionFreeUNet.from_unet(unet)
-    return out, TransformRecord("fold_timestep", {"timestep": timestep}, before, count_params(out), changes,
+    args: dict = {"timestep": timestep}
+    if text_time:
+        text = text_time.get("text_embeds")
+        args["text_time"] = {"time_ids": [float(v) for v in torch.as_tensor(text_time["time_ids"]).flatten()],
+                             "text_embeds": None if text is None else "given (folded into the biases)"}
+    return out, TransformRecord("fold_timestep", args, before, count_params(out), changes,
                                 {"resnets_folded": folded,
                                  "note": "cross-attention K/V for a fixed prompt: fold_cross_attention"})
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import AdcError
 from ..io import load_safetensors, read_format_json, save_safetensors
-from ..zoo.build import build_module
+from ..zoo.construct import build_module
 from ._common import TransformRecord, count_params, import_target
 from .attention import restore_attention
 
@@ -48,6 +48,16 @@ def base_model(target: str, device: str | torch.device = "cpu", **kwargs: Any) -
         raise AdcError(f"base_model {target!r}: arguments must be JSON data ({exc})") from None
     model = _build_base(target, kwargs, device)
     return model, TransformRecord("base", {"target": target, "kwargs": kwargs}, 0, count_params(model))
+
+
+def base_record(target: str, params: int = 0, **kwargs: Any) -> TransformRecord:
+    """The ``base`` record for a model built by ``target(**kwargs)`` (not built here: the caller has it)."""
+    try:
+        json.dumps(kwargs)
+    except TypeError as exc:
+        raise AdcError(f"base_record {target!r}: arguments must be JSON data ({exc})") from None
+    import_target(target)  # refuse builders outside the allow-list now, not at load time
+    return TransformRecord("base", {"target": target, "kwargs": kwargs}, 0, params)
 
 
 def _build_base(target: str, kwargs: dict[str, Any], device: str | torch.device) -> nn.Module:
@@ -83,7 +93,10 @@ def _replay_remove_conditioning(model, r):
 def _replay_fold_timestep(model, r):
     from .fold import fold_timestep
 
-    return fold_timestep(model, r.args["timestep"])[0]
+    text_time = r.args.get("text_time")
+    if text_time:  # the folded values are in the saved biases: zeros give the same architecture
+        text_time = {"time_ids": text_time["time_ids"], "text_embeds": None}
+    return fold_timestep(model, r.args["timestep"], text_time)[0]
 
 
 def _replay_fold_cross_attention(model, r):
@@ -109,10 +122,8 @@ def _replay_slice_width(model, r):
 
 
 def _replay_prune_channels(model, r):
-    from .channels import apply_history
-
-    if r.extra.get("trace") is not None:
-        return apply_history(model, r)
+    # By the recorded shapes, not by re-tracing torch-pruning: the weights are loaded afterwards,
+    # only the architecture has to be reproduced (apply_history re-applies the pruning to dense weights).
     return apply_shapes(model, r)
 
 
@@ -204,18 +215,20 @@ def _check_chain(records: list[TransformRecord]) -> None:
 # Save / load
 # --------------------------------------------------------------------------------------------
 def save_compressed(model: nn.Module, record_chain: Sequence[TransformRecord | dict], path: str | os.PathLike,
-                    verify: bool = True) -> Path:
+                    verify: bool = True, weights: bool = True) -> Path:
     """Write ``path/weights.safetensors`` and ``path/record.json`` atomically (all or nothing).
 
     ``verify``: replay the chain on ``meta`` first and refuse to save when the rebuilt
     architecture's tensor shapes differ from ``model``'s (a record missing from the chain).
+    ``weights=False``: the architecture only (``record.json``; the model may live on ``meta``);
+    :func:`load_compressed` then returns it on ``meta``.
     """
     records = [r if isinstance(r, TransformRecord) else TransformRecord.from_dict(r, f"record_chain[{i}]")
                for i, r in enumerate(record_chain)]
     _check_chain(records)
     state = {k: v for k, v in model.state_dict().items()}
-    if any(v.is_meta for v in state.values()):
-        raise AdcError("save_compressed: the model has meta tensors (no weights to save)")
+    if weights and any(v.is_meta for v in state.values()):
+        raise AdcError("save_compressed: the model has meta tensors (no weights to save; pass weights=False)")
     shapes = {k: list(v.shape) for k, v in state.items()}
     if verify:
         rebuilt = {k: list(v.shape) for k, v in replay(records, "meta").state_dict().items()}
@@ -223,7 +236,7 @@ def save_compressed(model: nn.Module, record_chain: Sequence[TransformRecord | d
     import diffusers
     import torch_pruning
 
-    meta = {"format": FORMAT, "version": VERSION, "weights": WEIGHTS, "params": count_params(model),
+    meta = {"format": FORMAT, "version": VERSION, "weights": WEIGHTS if weights else None, "params": count_params(model),
             "tensors": shapes, "chain": [r.to_dict() for r in records],
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "torch_pruning": getattr(torch_pruning, "__version__", "?")}}
@@ -232,7 +245,8 @@ def save_compressed(model: nn.Module, record_chain: Sequence[TransformRecord | d
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        save_safetensors(state, tmp / WEIGHTS, metadata={"format": FORMAT})
+        if weights:
+            save_safetensors(state, tmp / WEIGHTS, metadata={"format": FORMAT})
         (tmp / RECORD).write_text(text + "\n")
         _swap_dir(tmp, path)
     finally:
@@ -280,6 +294,8 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = Path(path)
     meta = read_record(path)
     model = replay(meta["chain"], "meta")
+    if meta.get("weights", WEIGHTS) is None:  # saved without weights: the architecture, on meta
+        return model.eval()
     state = load_safetensors(path / meta.get("weights", WEIGHTS), device=str(device))
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     _compare(expected, {k: list(v.shape) for k, v in state.items()}, "the replayed chain", f"{path / WEIGHTS}")
@@ -301,4 +317,4 @@ def _compare(a: dict[str, list[int]], b: dict[str, list[int]], name_a: str, name
             raise AdcError(f"{k!r}: {name_a} has shape {a[k]}, {name_b} has {b[k]}")
 
 
-__all__ = ["base_model", "save_compressed", "load_compressed", "replay", "apply_shapes", "read_record", "REPLAY"]
+__all__ = ["base_model", "base_record", "save_compressed", "load_compressed", "replay", "apply_shapes", "read_record", "REPLAY"]

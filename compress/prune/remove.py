@@ -88,11 +88,57 @@ def remove_modules(model: nn.Module, patterns: str | Sequence[str], replacement:
                                   count_params(model), changes)
 
 
-_TIME_TOP = ("time_proj", "time_embedding", "class_embedding", "add_embedding", "time_embed_act")
+_TIME_TOP = ("time_proj", "time_embedding", "class_embedding", "add_time_proj", "add_embedding", "time_embed_act")
 DROPPABLE = ("time", "cross_attention")
 
 
-def remove_conditioning(unet: nn.Module, drop: Sequence[str] = DROPPABLE) -> tuple[nn.Module, TransformRecord]:
+def check_planned(op: str, done: Sequence[str], planned: Sequence[str] | None) -> None:
+    """The modules an op touches must be exactly the ones the analysis plan names (both outermost)."""
+    if planned is None:
+        return
+    done_set, plan_set = set(outermost(list(done))), set(outermost(list(planned)))
+    extra = sorted(plan_set - done_set)
+    if extra:
+        raise AdcError(f"{op}: the plan asks to change {extra[0]!r}, which {op} does not handle "
+                       f"({len(extra)} such modules)")
+    missing = sorted(done_set - plan_set)
+    if missing:
+        raise AdcError(f"{op} would also change {missing[0]!r}, which the plan keeps ({len(missing)} such modules; "
+                       "see the analysis report for why, or keep/remove it with analyse.keep)")
+
+
+def conditioning_targets(unet: nn.Module, drop: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """(name, module) of everything :func:`remove_conditioning` removes for ``drop``, in model order."""
+    out: list[tuple[str, nn.Module]] = []
+    if "time" in drop:
+        if getattr(getattr(unet, "config", None), "addition_embed_type", None) == "image_hint":
+            raise AdcError("remove_conditioning: this UNet concatenates a hint image to its input; not supported")
+        for attr in _TIME_TOP:
+            m = getattr(unet, attr, None)
+            if isinstance(m, nn.Module):
+                out.append((attr, m))
+        for name, m in unet.named_modules():
+            if type(m).__name__ == "ResnetBlockCondNorm2D":
+                raise AdcError(f"remove_conditioning: {name!r} normalises with the time embedding "
+                               "(ResnetBlockCondNorm2D); it cannot run without it")
+            if isinstance(getattr(m, "time_emb_proj", None), nn.Module):
+                out.append((f"{name}.time_emb_proj", m.time_emb_proj))
+    if "cross_attention" in drop:
+        for name, m in unet.named_modules():
+            if isinstance(getattr(m, "attn2", None), nn.Module):
+                if getattr(m, "only_cross_attention", False):
+                    raise AdcError(f"remove_conditioning: {name!r} has only cross-attention; removing it "
+                                   "would leave no attention")
+                out.append((f"{name}.attn2", m.attn2))
+                if isinstance(getattr(m, "norm2", None), nn.Module):
+                    out.append((f"{name}.norm2", m.norm2))
+        if isinstance(getattr(unet, "encoder_hid_proj", None), nn.Module):
+            out.append(("encoder_hid_proj", unet.encoder_hid_proj))
+    return out
+
+
+def remove_conditioning(unet: nn.Module, drop: Sequence[str] = DROPPABLE,
+                        planned: Sequence[str] | None = None) -> tuple[nn.Module, TransformRecord]:
     """Remove the timestep branch and/or cross-attention from a diffusers UNet (in place).
 
     ``"time"``: ``time_proj``, ``time_embedding`` (and class/added embeddings) and every
@@ -101,7 +147,9 @@ def remove_conditioning(unet: nn.Module, drop: Sequence[str] = DROPPABLE) -> tup
     constant and negligible; :func:`compress.prune.fold.fold_timestep` keeps it exactly instead.
     ``"cross_attention"``: every ``attn2`` and its ``norm2``. With ``"time"`` kept the diffusers
     model is returned (call it with ``encoder_hidden_states=None``). In place: the modules of
-    ``unet`` are reused, so use only the returned model afterwards.
+    ``unet`` are reused, so use only the returned model afterwards. ``planned``: the module names
+    (relative to ``unet``) an analysis plan removes; they must be exactly the ones this call
+    removes (an :class:`AdcError` names the first difference, before anything changes).
     """
     drop = tuple(as_list(drop))
     bad = [d for d in drop if d not in DROPPABLE]
@@ -110,39 +158,21 @@ def remove_conditioning(unet: nn.Module, drop: Sequence[str] = DROPPABLE) -> tup
     for attr in ("conv_in", "down_blocks", "up_blocks", "conv_out"):
         if not hasattr(unet, attr):
             raise AdcError(f"remove_conditioning: {type(unet).__name__} is not a diffusers-style UNet (no {attr!r})")
+    targets = conditioning_targets(unet, drop)
+    check_planned("remove_conditioning", [n for n, _ in targets], planned)
     before = count_params(unet)
     changes: list[ModuleChange] = []
-    if "time" in drop:
-        if getattr(getattr(unet, "config", None), "addition_embed_type", None) == "image_hint":
-            raise AdcError("remove_conditioning: this UNet concatenates a hint image to its input; not supported")
-        for attr in _TIME_TOP:
-            m = getattr(unet, attr, None)
-            if isinstance(m, nn.Module):
-                changes.append(ModuleChange(attr, "removed", describe(m), describe(None)))
-        for name, m in unet.named_modules():
-            if type(m).__name__ == "ResnetBlockCondNorm2D":
-                raise AdcError(f"remove_conditioning: {name!r} normalises with the time embedding "
-                               "(ResnetBlockCondNorm2D); it cannot run without it")
-            proj = getattr(m, "time_emb_proj", None)
-            if isinstance(proj, nn.Module):
-                changes.append(ModuleChange(f"{name}.time_emb_proj", "removed", describe(proj), describe(None)))
-                m.time_emb_proj = None
-                if getattr(m, "time_embedding_norm", "default") == "scale_shift":
-                    # without temb, scale-shift modulation is h * (1 + 0) + 0: the plain norm
-                    m.time_embedding_norm = "default"
-                    changes.append(ModuleChange(name, "attribute", {"time_embedding_norm": "scale_shift"},
-                                                {"time_embedding_norm": "default"}))
-    if "cross_attention" in drop:
-        for name, m in unet.named_modules():
-            if isinstance(getattr(m, "attn2", None), nn.Module):
-                if getattr(m, "only_cross_attention", False):
-                    raise AdcError(f"remove_conditioning: {name!r} has only cross-attention; removing it "
-                                   "would leave no attention")
-                changes.append(ModuleChange(f"{name}.attn2", "removed", describe(m.attn2), describe(None)))
-                m.attn2 = None
-                if isinstance(getattr(m, "norm2", None), nn.Module):
-                    changes.append(ModuleChange(f"{name}.norm2", "removed", describe(m.norm2), describe(None)))
-                    m.norm2 = None
+    for name, module in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        changes.append(ModuleChange(name, "removed", describe(module), describe(None)))
+        if parent_name or attr == "encoder_hid_proj":  # top-level time modules stay; ConditionFreeUNet drops them
+            setattr(parent, attr, None)
+        if attr == "time_emb_proj" and getattr(parent, "time_embedding_norm", "default") == "scale_shift":
+            # without temb, scale-shift modulation is h * (1 + 0) + 0: the plain norm
+            parent.time_embedding_norm = "default"
+            changes.append(ModuleChange(parent_name, "attribute", {"time_embedding_norm": "scale_shift"},
+                                        {"time_embedding_norm": "default"}))
     if not changes:
         raise AdcError(f"remove_conditioning drop={list(drop)!r}: nothing to remove (already removed?)")
     out = unet
@@ -152,4 +182,5 @@ def remove_conditioning(unet: nn.Module, drop: Sequence[str] = DROPPABLE) -> tup
                                 {"result": type(out).__name__})
 
 
-__all__ = ["remove_modules", "remove_conditioning", "Constant", "ModuleSpec", "DROPPABLE"]
+__all__ = ["remove_modules", "remove_conditioning", "conditioning_targets", "check_planned", "Constant", "ModuleSpec",
+           "DROPPABLE"]

@@ -282,12 +282,13 @@ def build_setup(models: DecoderModels, config: PretrainDecoderConfig, dataset: D
 
 
 def run_stage(models: DecoderModels, config: PretrainDecoderConfig, run_dir: str | Path,
-              dataset: Dataset | None = None, log=print) -> dict[str, Any]:
+              dataset: Dataset | None = None, log=print, write_decoder: bool = True) -> dict[str, Any]:
     """Train the decoder; write ``decoder.safetensors`` and ``halfDecoder.ckpt`` in ``run_dir``.
 
     ``dataset`` overrides ``config.train_hr`` (items: 3xHxW in [0, 1]). Returns the artifact
     paths and the training summary. Under ``accelerate launch`` every process calls this;
-    only the main one writes the exports.
+    only the main one writes the exports. ``write_decoder=False``: the trained decoder is only
+    returned (``artifacts["model"]``; the runner saves the student once).
     """
     run_dir = Path(run_dir)
     config.validate("pretrain_decoder")
@@ -308,8 +309,6 @@ def run_stage(models: DecoderModels, config: PretrainDecoderConfig, run_dir: str
     result = train(setup, config.engine.with_defaults(**PretrainDecoderConfig.ENGINE_DEFAULTS), run_dir, log=log)
     decoder = result.models["decoder"]
     artifacts: dict[str, Any] = {
-        "decoder": str(run_dir / "decoder.safetensors"),
-        "half_decoder": str(run_dir / "halfDecoder.ckpt"),
         "metrics": str(run_dir / "metrics.csv"),
         "loss_curve": str(run_dir / "loss_curve.png"),
         "summary": str(run_dir / "summary.json"),
@@ -319,12 +318,16 @@ def run_stage(models: DecoderModels, config: PretrainDecoderConfig, run_dir: str
         "steps_per_s": result.summary["steps_per_s"],
         "peak_memory_mib": result.summary["peak_memory_mib"],
     }
-    if is_main:
+    if is_main and write_decoder:
+        artifacts["decoder"] = str(run_dir / "decoder.safetensors")
+        artifacts["half_decoder"] = str(run_dir / "halfDecoder.ckpt")
         save_safetensors(decoder_state_dict(decoder), artifacts["decoder"],
                          metadata={"format": "diffusers Decoder", "stage": "pretrain_decoder"})
         atomic_torch_save(half_decoder_checkpoint(decoder), artifacts["half_decoder"])
+    if is_main:
         atomic_write_json(run_dir / "config.json", to_dict(config))
     state.wait_for_everyone()
+    artifacts["model"] = decoder
     return artifacts
 
 

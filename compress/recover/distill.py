@@ -14,12 +14,12 @@ S3Diff-derived student reuses it with its own bundle.
 AdcSR instance (:func:`adcsr_bundle`, verified against the official ``train.py``):
 
 * student: ``AdcSR.features(lr)`` = pruned UNet + trainable decoder ``mid_block``;
-* teacher target: OSEDiff one-step x0 latent -> / scaling -> ``vae.post_quant_conv`` ->
+* teacher target: the teacher's one-step x0 latent -> / scaling -> ``vae.post_quant_conv`` ->
   frozen stage-1 decoder ``conv_in`` -> frozen decoder ``mid_block``;
 * real samples for D: HR -> VAE encoder latent mean (no scaling) -> ``post_quant_conv`` ->
   the same ``conv_in`` -> ``mid_block``;
 * D: a copy of the SD UNet with a new ``conv_in`` (feature channels -> UNet width, the old
-  weight repeated along the inputs / repeat count) and rank-4 LoRA (OSEDiff's three adapters),
+  weight repeated along the inputs / repeat count) and rank-4 LoRA (three adapters by the same grep as the teacher's),
   trained with ``conv_in``; run at t = 999 with a prompt embedding; its raw output is the
   per-location logits, mean-reduced;
 * non-saturating losses: ``softplus(-D(fake))`` for G, ``softplus(D(fake)) + softplus(-D(real))``
@@ -293,11 +293,12 @@ def call_disc(disc: nn.Module, x: torch.Tensor, inputs: Mapping[str, Any], repea
 
 
 def run_stage(bundle: DistillBundle, config: DistillConfig, run_dir: str | Path, dataset: Dataset | None = None,
-              log=print) -> dict[str, Any]:
+              log=print, write_student: bool = True) -> dict[str, Any]:
     """Distil; write the student (``student.safetensors`` + the bundle's own exports) in ``run_dir``.
 
     ``dataset`` overrides ``config.train_hr`` (items: HR 3xHxW in [0, 1]). Every process of an
-    ``accelerate launch`` calls this; the main one writes the files.
+    ``accelerate launch`` calls this; the main one writes the files. ``write_student=False``:
+    the trained student is only returned (``artifacts["model"]``; the runner saves it once).
     """
     run_dir = Path(run_dir)
     config.validate("distill")
@@ -313,7 +314,6 @@ def run_stage(bundle: DistillBundle, config: DistillConfig, run_dir: str | Path,
     result = train(setup, engine, run_dir, log=log)
     student = result.models["student"]
     artifacts: dict[str, Any] = {
-        "student": str(run_dir / "student.safetensors"),
         "metrics": str(run_dir / "metrics.csv"),
         "loss_curve": str(run_dir / "loss_curve.png"),
         "summary": str(run_dir / "summary.json"),
@@ -322,9 +322,11 @@ def run_stage(bundle: DistillBundle, config: DistillConfig, run_dir: str | Path,
         "steps_per_s": result.summary["steps_per_s"],
         "peak_memory_mib": result.summary["peak_memory_mib"],
     }
-    if is_main:
+    if is_main and write_student:
+        artifacts["student"] = str(run_dir / "student.safetensors")
         save_safetensors({k: v.detach().cpu() for k, v in student.state_dict().items()}, artifacts["student"],
                          metadata={"stage": "distill"})
+    if is_main:
         if "discriminator" in result.models:
             d_state = {k: v.detach().cpu() for k, v in result.models["discriminator"].named_parameters() if v.requires_grad}
             save_safetensors(d_state, run_dir / "discriminator_trainable.safetensors", metadata={"stage": "distill"})
@@ -333,16 +335,17 @@ def run_stage(bundle: DistillBundle, config: DistillConfig, run_dir: str | Path,
             artifacts.update(bundle.export(student, run_dir))
         atomic_write_json(run_dir / "config.json", to_dict(config))
     state.wait_for_everyone()
+    artifacts["model"] = student
     return artifacts
 
 
 # --------------------------------------------------------------------------------------------
-# The AdcSR instance
+# The AdcSR instance (any family: the family supplies its side, compress.families.DistillParts)
 # --------------------------------------------------------------------------------------------
 class UNetDiscriminator(nn.Module):
     """AdcSR's D: an SD UNet with a wider ``conv_in`` and LoRA, at a fixed timestep, text-conditioned.
 
-    Input: features (B, C, h, w); output: the UNet's raw (B, 4, h, w) prediction, used as
+    Input: features (B, C, h, w); output: the UNet's raw (B, out, h, w) prediction, used as
     per-location logits.
     """
 
@@ -357,22 +360,23 @@ class UNetDiscriminator(nn.Module):
 
 
 def make_unet_discriminator(unet: nn.Module, in_channels: int, rank: int = 4, timestep: int = 999,
-                            seed: int = 0) -> UNetDiscriminator:
+                            seed: int = 0, targets: Callable[[nn.Module], dict[str, list[str]]] | None = None
+                            ) -> UNetDiscriminator:
     """Copy ``unet`` (a plain SD UNet), widen its ``conv_in`` to ``in_channels`` and add LoRA.
 
     The new ``conv_in`` weight is the old one repeated ``in_channels / old_in`` times along the
     input axis and divided by that factor (so a feature map of repeated latents gives the old
-    response); the bias is kept. LoRA: rank ``rank``, gaussian init, OSEDiff's three adapters
-    (``conv_in`` is in the encoder adapter). Trainable: LoRA + ``conv_in``, nothing else.
+    response); the bias is kept. LoRA: rank ``rank``, gaussian init, one adapter per entry of
+    ``targets(unet)`` (default: the three-adapter grep AdcSR uses, ``conv_in`` in the encoder
+    adapter). Trainable: LoRA + ``conv_in``, nothing else.
     """
     from peft import LoraConfig
 
-    from ..zoo.lora import lora_layers
-    from ..zoo.osediff import UNET_ADAPTERS, unet_lora_targets
+    from ..zoo.lora import lora_layers, sd_unet_lora_targets
 
     if lora_layers(unet):
         raise AdcError("make_unet_discriminator: pass the plain SD UNet (this one carries LoRA layers; "
-                       "AdcSR's D starts from SD 2.1-base, not from the teacher)")
+                       "AdcSR's D starts from the base model, not from the teacher)")
     d = copy.deepcopy(unet)
     old = d.conv_in
     if in_channels % old.in_channels:
@@ -387,14 +391,15 @@ def make_unet_discriminator(unet: nn.Module, in_channels: int, rank: int = 4, ti
     d.conv_in = new
     if hasattr(d, "register_to_config"):
         d.register_to_config(in_channels=in_channels)
+    adapters = (targets or sd_unet_lora_targets)(d)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # three adapters is the point
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # several adapters is the point
         torch.manual_seed(seed)
-        targets = unet_lora_targets(d)
-        for name in UNET_ADAPTERS:
-            d.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=targets[name]),
-                          adapter_name=name)
-    d.set_adapter(list(UNET_ADAPTERS))
+        for name, modules in adapters.items():
+            if modules:
+                d.add_adapter(LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=modules),
+                              adapter_name=name)
+    d.set_adapter([n for n, m in adapters.items() if m])
     d.requires_grad_(False)
     for n, p in d.named_parameters():
         if "lora_" in n or n.startswith("conv_in."):
@@ -416,7 +421,7 @@ class AdcSRStudentFeatures(nn.Module):
 
 
 class DecoderFeatures(nn.Module):
-    """Frozen: ``post_quant_conv`` output -> stage-1 decoder ``conv_in`` -> ``mid_block``."""
+    """Frozen: the decoder's input (``post_quant_conv`` output) -> stage-1 decoder ``conv_in`` -> ``mid_block``."""
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
@@ -427,64 +432,33 @@ class DecoderFeatures(nn.Module):
         return self.mid_block(self.conv_in(z), None)
 
 
-class AdcSRTeacherFeatures(nn.Module):
-    """Frozen teacher path: LR [-1,1] -> OSEDiff x0 latent -> /scaling -> post_quant_conv -> decoder features."""
+class TeacherFeatures(nn.Module):
+    """Frozen teacher path: LR [-1,1] -> the teacher's one-step latent -> decoder input -> decoder features."""
 
-    def __init__(self, teacher: nn.Module, decoder_features: DecoderFeatures):
+    def __init__(self, teacher: nn.Module, latent: Callable, decode_input: nn.Module, decoder: DecoderFeatures):
         super().__init__()
         self.teacher = teacher
-        self.decoder = decoder_features
+        self.decode_input = decode_input
+        self.decoder = decoder
+        self._latent = latent
 
     def latent(self, lr: torch.Tensor, prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return self.teacher.teacher_latent(lr, prompt_embeds)
+        return self._latent(lr, prompt_embeds)
 
     def forward(self, lr: torch.Tensor, prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        x0 = self.latent(lr, prompt_embeds)
-        return self.decoder(self.teacher.vae.post_quant_conv(x0 / self.teacher.scaling_factor))
+        return self.decoder(self.decode_input(self.latent(lr, prompt_embeds)))
 
 
-class GroundTruthFeatures(nn.Module):
-    """Frozen real path for D: HR [-1,1] -> VAE encoder latent mean (unscaled) -> post_quant_conv -> decoder features."""
+class RealFeatures(nn.Module):
+    """Frozen real path for D: HR [-1,1] -> the family's ground-truth latent -> decoder features."""
 
-    def __init__(self, vae: nn.Module, decoder_features: DecoderFeatures):
+    def __init__(self, real_latent: nn.Module, decoder: DecoderFeatures):
         super().__init__()
-        self.vae = vae
-        self.decoder = decoder_features
+        self.real_latent = real_latent
+        self.decoder = decoder
 
     def forward(self, hr: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(hr).latent_dist.mean
-        return self.decoder(self.vae.post_quant_conv(z))
-
-
-class PromptEmbeddings:
-    """Where D's text condition comes from: ``dape`` (the teacher's DAPE tag prompt of each LR),
-    ``fixed`` (one text), ``empty`` (the empty prompt). Fixed and empty are embedded once."""
-
-    def __init__(self, teacher: nn.Module, source: str, text: str = ""):
-        self.teacher, self.source = teacher, source
-        self._fixed: torch.Tensor | None = None
-        self.note = ""
-        if source == "dape":
-            ready = all(getattr(teacher, a, None) is not None for a in ("tokenizer", "tag_list", "prompt_extractor"))
-            if not ready:
-                self.note = ("prompt 'dape': the teacher has no tokenizer/tag list/prompt extractor, so its "
-                             "encode_prompt falls back to the empty prompt")
-        elif source == "fixed":
-            self._text = text
-
-    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
-        b = lr.shape[0]
-        if self.source == "dape":
-            emb = self.teacher.encode_prompt(lr=lr)
-        else:
-            if self._fixed is None:
-                from ..zoo.osediff import empty_prompt_ids
-
-                self._fixed = (self.teacher.encode_prompt(prompts=[self._text]) if self.source == "fixed"
-                               else self.teacher.encode_prompt(token_ids=empty_prompt_ids()))
-            emb = self._fixed
-        emb = emb.to(lr.device)
-        return emb.expand(b, -1, -1) if emb.shape[0] == 1 and b > 1 else emb
+        return self.decoder(self.real_latent(hr))
 
 
 def degrade_items(degradation, hr: torch.Tensor, batch: Mapping[str, Any], seed: int) -> torch.Tensor:
@@ -498,18 +472,17 @@ def degrade_items(degradation, hr: torch.Tensor, batch: Mapping[str, Any], seed:
     return torch.cat(out)
 
 
-def adcsr_bundle(student: nn.Module, teacher: nn.Module, decoder: nn.Module, disc_unet: nn.Module | None,
-                 config: DistillConfig, gt_vae: nn.Module | None = None, init_student_decoder: bool = True) -> DistillBundle:
-    """AdcSR's stage 2 as a :class:`DistillBundle`.
+def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config: DistillConfig,
+                           init_student_decoder: bool = True, export_official: bool = True) -> DistillBundle:
+    """AdcSR's stage 2 for any family, as a :class:`DistillBundle`.
 
     ``student``: an :class:`~compress.zoo.adcsr.AdcSR` (pruned UNet initialised by the caller).
-    ``teacher``: an :class:`~compress.zoo.osediff.OSEDiff` (or anything with ``teacher_latent``,
-    ``vae``, ``scaling_factor``, ``encode_prompt``). ``decoder``: the stage-1 half decoder
-    (frozen here; its ``conv_in`` + ``mid_block`` make the targets; with ``init_student_decoder``
-    its ``mid_block`` and up path are copied into the student, as the official ``Net`` is built
-    from a copy of it). ``disc_unet``: the plain SD UNet D starts from (None: no adversarial
-    term). ``gt_vae``: the VAE of the real path; the official code uses the stock SD 2.1 VAE,
-    whose encoder differs from OSEDiff's LoRA-tuned one -- pass it; None = the teacher's VAE.
+    ``decoder``: the stage-1 decoder (frozen here; its ``conv_in`` + ``mid_block`` make the
+    targets; with ``init_student_decoder`` its ``mid_block`` and up path are copied into the
+    student, as the official ``Net`` is built from a copy of it). ``parts``: the family's
+    :class:`~compress.families.DistillParts` (teacher latent, decoder input, real latent, the
+    plain UNet D starts from, prompts). ``export_official``: also write AdcSR's
+    ``net_params.pkl`` / ``halfDecoder.ckpt`` and ``adcsr.safetensors`` beside the run.
     """
     from ..data import RealESRGANDegradation
 
@@ -524,16 +497,17 @@ def adcsr_bundle(student: nn.Module, teacher: nn.Module, decoder: nn.Module, dis
                                     if k.split(".")[0] in ("up_blocks", "conv_norm_out", "conv_out")})
     student.requires_grad_(True)
     feats = DecoderFeatures(copy.deepcopy(decoder)).eval().requires_grad_(False)
-    teacher_module = AdcSRTeacherFeatures(teacher, feats).eval().requires_grad_(False)
+    teacher_module = TeacherFeatures(parts.teacher, parts.teacher_latent, parts.decode_input,
+                                     feats).eval().requires_grad_(False)
     degradation = RealESRGANDegradation(config.degradation_config())
-    prompts = PromptEmbeddings(teacher, config.prompt, config.prompt_text)
-    use_adv = disc_unet is not None and config.adv_weight > 0
+    use_adv = parts.disc_unet is not None and config.adv_weight > 0
+    prompts = parts.prompts(config.prompt, config.prompt_text) if (use_adv or config.prompt == "dape") else None
     disc = real = None
     if use_adv:
         c = student.config.feature_channels
-        disc = make_unet_discriminator(disc_unet, c, config.lora_rank, teacher.timestep if hasattr(teacher, "timestep") else 999,
-                                       seed=config.engine.seed + 2)
-        real = GroundTruthFeatures(gt_vae if gt_vae is not None else teacher.vae, feats).eval().requires_grad_(False)
+        disc = make_unet_discriminator(parts.disc_unet, c, config.lora_rank, parts.timestep,
+                                       seed=config.engine.seed + 2, targets=parts.disc_lora_targets)
+        real = RealFeatures(parts.real_latent, feats).eval().requires_grad_(False)
     seed = config.engine.seed
     dtype = next(student.parameters()).dtype  # fp32 normally (autocast does the rest); fp64 in exactness tests
 
@@ -541,9 +515,9 @@ def adcsr_bundle(student: nn.Module, teacher: nn.Module, decoder: nn.Module, dis
         hr01 = batch["data"].float()
         lr01 = degrade_items(degradation, hr01, batch, seed)
         lr, hr = (lr01 * 2 - 1).to(dtype), (hr01 * 2 - 1).to(dtype)
-        emb = prompts(lr) if (use_adv or config.prompt == "dape") else None
+        emb = prompts(lr) if prompts is not None else None
         emb = emb.to(dtype) if emb is not None else None
-        teacher_emb = emb if config.prompt == "dape" else None  # the teacher keeps its own DAPE prompt otherwise
+        teacher_emb = emb if config.prompt == "dape" else None  # the teacher keeps its own prompt otherwise
         return {"student": lr, "teacher": {"lr": lr, "prompt_embeds": teacher_emb}, "real": hr,
                 "disc": {"encoder_hidden_states": emb} if use_adv else {}, "lr01": lr01}
 
@@ -559,16 +533,14 @@ def adcsr_bundle(student: nn.Module, teacher: nn.Module, decoder: nn.Module, dis
         return {"adcsr": str(run_dir / "adcsr.safetensors"), "net_params": str(run_dir / "net_params.pkl"),
                 "half_decoder": str(run_dir / "halfDecoder.ckpt")}
 
-    notes = [n for n in (prompts.note,) if n and (use_adv or config.prompt == "dape")]
-    if use_adv and gt_vae is None:
-        notes.append("real path uses the teacher's VAE encoder (the official code uses the stock SD VAE: pass gt_vae)")
     return DistillBundle(
         student=AdcSRStudentFeatures(student), teacher=teacher_module,
         pairs=[FeaturePair("adcsr.mid_block", "decoder.mid_block", config.feature_loss, config.feature_weight, "feat_l1"
                            if config.feature_loss == "l1" else f"feat_{config.feature_loss}")],
-        make_inputs=make_inputs, discriminator=disc, real=real, adv_on="", export=export, notes=notes)
+        make_inputs=make_inputs, discriminator=disc, real=real, adv_on="",
+        export=export if export_official else None, notes=list(parts.notes), frozen=dict(parts.frozen))
 
 
 __all__ = ["FeaturePair", "DistillBundle", "DistillConfig", "build_setup", "run_stage", "capture", "pick",
-           "UNetDiscriminator", "make_unet_discriminator", "AdcSRStudentFeatures", "AdcSRTeacherFeatures",
-           "GroundTruthFeatures", "DecoderFeatures", "PromptEmbeddings", "degrade_items", "adcsr_bundle", "LOSSES"]
+           "UNetDiscriminator", "make_unet_discriminator", "AdcSRStudentFeatures", "TeacherFeatures",
+           "RealFeatures", "DecoderFeatures", "degrade_items", "feature_distill_bundle", "LOSSES"]

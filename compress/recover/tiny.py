@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import torch
 
 from ..errors import AdcError
@@ -40,28 +42,37 @@ def tiny_stage1_models(seed: int = 0):
     return DecoderModels(vae=vae, decoder=decoder)
 
 
-def tiny_stage2_parts(seed: int = 0) -> dict:
-    """Student, teacher (tiny OSEDiff), stage-1 decoder and the SD UNet D starts from, all seeded."""
+def tiny_stage2_parts(seed: int = 0, family: str | None = None) -> dict:
+    """Student, teacher (the family's tiny teacher), stage-1 decoder and the SD UNet D starts from, all seeded."""
+    from ..families import FLAGSHIP, get
     from ..zoo.adcsr import ADCSR_TINY, build_adcsr, build_half_decoder
-    from ..zoo.osediff import build_osediff
     from ..zoo.sd import build_unet
 
     torch.manual_seed(seed)
-    teacher = build_osediff("tiny")
+    teacher = get(family or FLAGSHIP).build_teacher("tiny")
     torch.manual_seed(seed + 1)
-    decoder = build_half_decoder(ADCSR_TINY)
+    decoder = build_half_decoder(replace(ADCSR_TINY, latent_channels=_latent_channels(teacher)))
     torch.manual_seed(seed + 2)
     student = build_adcsr("tiny")
     torch.manual_seed(seed + 3)
     disc_unet = build_unet("tiny")
-    return {"student": student, "teacher": teacher, "decoder": decoder, "disc_unet": disc_unet}
+    return {"student": student, "teacher": teacher, "decoder": decoder, "disc_unet": disc_unet,
+            "family": family or FLAGSHIP}
+
+
+def _latent_channels(teacher) -> int:
+    return int(teacher.vae.config.latent_channels)
 
 
 def tiny_stage2_bundle(config, seed: int = 0, parts: dict | None = None):
-    from .distill import adcsr_bundle
+    """The family's stage-2 parts around the tiny models (D starts from ``parts['disc_unet']``)."""
+    from ..families import get
+    from .distill import feature_distill_bundle
 
     p = parts or tiny_stage2_parts(seed)
-    return adcsr_bundle(p["student"], p["teacher"], p["decoder"], p["disc_unet"], config)
+    dparts = get(p["family"]).distill_parts(p["teacher"], "tiny", None)
+    dparts.disc_unet = p["disc_unet"]
+    return feature_distill_bundle(p["student"], p["decoder"], dparts, config)
 
 
 class SlowDataset(torch.utils.data.Dataset):
@@ -124,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             from .distill import DistillConfig, run_stage
 
             cfg = DistillConfig(train_hr=hr, crop=args.crop, lr_milestones=[max(1, args.steps // 2)], engine=engine,
+                                prompt="empty",
                                 **({"lr_g": args.lr} if args.lr else {}),
                                 **({"adv_weight": args.adv_weight} if args.adv_weight is not None else {}))
             parts = tiny_stage2_parts(args.seed)

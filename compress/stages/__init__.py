@@ -1,8 +1,12 @@
-"""The stage registry: name -> (config class, function, what it needs).
+"""The stage registry: name -> (config class, function, what it needs, recipe-wide checks).
 
-A stage is a plain function ``fn(bundle, config, stage_dir) -> artifacts`` (a JSON-able dict);
-its config class is validated when the recipe is loaded, before anything runs. Stage modules
-are imported on first use, so loading a recipe stays cheap.
+A stage is a plain function ``run_<name>(bundle, config, stage_dir) -> artifacts`` (a JSON-able
+dict); it reads the model family, the recipe and earlier stages' results from the bundle and
+may hand on a new student (``bundle.student``). Optional companions in the same module:
+``run_<name>_needs(bundle, config) -> [what is missing]`` (the stage is then skipped and the run
+stops with a list of what to give) and ``check_<name>(recipe, config, path)`` (validation that
+needs the whole recipe, run when the recipe is loaded). Stage modules are imported on first
+use, so loading a recipe stays cheap.
 """
 
 from __future__ import annotations
@@ -17,24 +21,30 @@ class StageSpec:
     name: str
     module: str
     config_name: str
-    function_name: str
+
+    def _get(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self.module), attr, None)
 
     @property
     def config_cls(self) -> type:
-        return getattr(importlib.import_module(self.module), self.config_name)
+        return self._get(self.config_name)
 
     @property
     def fn(self) -> Callable[..., dict[str, Any]]:
-        return getattr(importlib.import_module(self.module), self.function_name)
+        return self._get(f"run_{self.name}")
+
+    @property
+    def check(self) -> Callable[..., None] | None:
+        return self._get(f"check_{self.name}")
 
     def needs(self, bundle: Any, config: Any) -> list[str]:
         """Weights or data this stage needs that the recipe does not provide (empty = can run)."""
-        check = getattr(importlib.import_module(self.module), f"{self.function_name}_needs", None)
+        check = self._get(f"run_{self.name}_needs")
         return list(check(bundle, config)) if check else []
 
 
 def _spec(name: str, module: str, cls: str) -> StageSpec:
-    return StageSpec(name, f"compress.stages.{module}", cls, f"run_{name}")
+    return StageSpec(name, f"compress.stages.{module}", cls)
 
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in [

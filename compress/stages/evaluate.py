@@ -33,9 +33,9 @@ def run_evaluate_needs(bundle, config: EvaluateConfig) -> list[str]:
     data = bundle.recipe.data
     needs = [] if data.eval_lr and data.eval_hr else ["data.eval_lr and data.eval_hr (paired LR/HR folders)"]
     if "teacher" in config.methods:
-        needs += bundle.missing_weights("sd21_base", "osediff")
+        needs += bundle.teacher_needs()
     if "student" in config.methods and bundle.size == "full" and not bundle.has_trained_student():
-        needs.append("a trained student (pretrain_decoder + distill must run first; the released AdcSR is "
+        needs.append("a trained student (pretrain_decoder + distill must run first; a released student is "
                      "evaluated with python -m compress.sr + python -m compress.evaluate)")
     return sorted(set(needs))
 
@@ -59,11 +59,14 @@ def run_evaluate(bundle, config: EvaluateConfig, stage_dir: Path) -> dict[str, A
     pairs = PairedFolderDataset(data.eval_lr, data.eval_hr, scale=bundle.recipe.task.scale)
     limit = config.limit or data.eval_limit or len(pairs)
     device = bundle.device
+    family, options = bundle.family, bundle.options
     models = {}
     if "teacher" in config.methods:
-        models["teacher"] = bundle.teacher()
+        teacher = bundle.teacher()
+        models["teacher"] = lambda lr01: family.evaluate_teacher(teacher, lr01, options)  # the family's test script
     if "student" in config.methods:
-        models["student"] = bundle.student()
+        student = bundle.student_state().model.to(device).eval()
+        models["student"] = lambda lr01: (student(lr01 * 2 - 1).float() + 1) / 2
     hr_dir = stage_dir / "HR"
     results: dict[str, Any] = {}
     tables = []
@@ -78,7 +81,7 @@ def run_evaluate(bundle, config: EvaluateConfig, stage_dir: Path) -> dict[str, A
             if method == "bicubic":
                 sr = F.interpolate(lr, scale_factor=bundle.recipe.task.scale, mode="bicubic", align_corners=False)
             else:
-                sr = (models[method](lr * 2 - 1).float() + 1) / 2
+                sr = models[method](lr)
             _save_png(sr[0], out_dir / f"{item['name']}.png")
         frame = evaluate_folders(out_dir, hr_dir, metrics=config.metrics)
         summary = summarize(frame)
@@ -92,5 +95,5 @@ def run_evaluate(bundle, config: EvaluateConfig, stage_dir: Path) -> dict[str, A
     per_image = pd.concat(tables, ignore_index=True)
     with atomic_path(stage_dir / "per_image.csv") as tmp:
         per_image.to_csv(tmp, index=False, float_format="%.6f")
-    return {"n_images": min(limit, len(pairs)), "means": results, "per_image": str(stage_dir / "per_image.csv"),
+    return {"n_images": min(limit, len(pairs)), "means": results, "per_image": bundle.rel(stage_dir / "per_image.csv"),
             "device": str(device), "dtype": "fp32", "lr_size": list(item["lr"].shape[-2:])}

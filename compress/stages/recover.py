@@ -1,15 +1,15 @@
 """``pretrain_decoder`` (stage 1) and ``distill`` (stage 2): recovery on the recover engine.
 
-Both wrap :mod:`compress.recover` and keep the run's student directory up to date: stage 1
-replaces the pruned decoder by the trained one (the student's mid-block and up path start
-from it, as AdcSR builds its ``Net`` from ``halfDecoder.ckpt``); stage 2 trains the student's
-UNet and mid-block against the teacher. Each reports a before/after measurement on the eval
-data (``data.eval_lr``/``eval_hr``) so the report shows what the stage bought.
+Both wrap :mod:`compress.recover` and hand on a new student: stage 1 replaces the pruned
+decoder by the trained one (the student's mid-block and up path start from it, as AdcSR builds
+its ``Net`` from ``halfDecoder.ckpt``); stage 2 trains the student's UNet and mid-block against
+the family's teacher. The family supplies the ground-truth VAE (stage 1 latents, stage 2's real
+path) and its side of distillation (:meth:`compress.families.ModelFamily.distill_parts`). Each
+stage measures what it bought on the eval pairs (at most ``data.eval_limit``, default 4).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,48 +17,73 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import AdcError
 from ..recover.decoder_pretrain import PretrainDecoderConfig
 from ..recover.distill import DistillConfig
 
 __all__ = ["PretrainDecoderConfig", "DistillConfig", "run_pretrain_decoder", "run_distill"]
+MEASURE_DEFAULT = 4
 
 
-def _train_hr(bundle, config) -> list[Path]:
-    roots = list(config.train_hr) or list(bundle.recipe.data.train_hr)
-    return roots
+def _check_shared(recipe, config, path: str) -> None:
+    """Data and its degradation are the recipe's (``data.*``): one source for every training stage."""
+    if config.train_hr:
+        raise AdcError(f"{path}.train_hr: set data.train_hr instead (one list of HR folders for every stage)")
+    if getattr(config, "degradation", None):
+        raise AdcError(f"{path}.degradation: set data.degradation instead (one degradation for every stage)")
 
 
-def _plain_vae(bundle) -> nn.Module:
-    """The VAE whose encoder makes stage-1 latents and stage-2 real features: stock SD 2.1 at full
-    size (as the official code), the (LoRA-merged) tiny teacher's at tiny size."""
-    if bundle.size == "full":
-        from ..zoo.sd import load_sd_components
-
-        return bundle.cached("sd_vae", lambda: load_sd_components(bundle.recipe.models.sd21_base, ("vae",))["vae"])
-    teacher = copy.deepcopy(bundle.teacher()).cpu()
-    if teacher.has_lora:
-        teacher.merge_lora()
-    return teacher.vae
+def check_pretrain_decoder(recipe, config: PretrainDecoderConfig, path: str) -> None:
+    _check_shared(recipe, config, path)
 
 
-def _eval_images(bundle, key: str, limit: int = 4) -> torch.Tensor | None:
+def check_distill(recipe, config: DistillConfig, path: str) -> None:
+    _check_shared(recipe, config, path)
+    if config.prompt == "dape" and recipe.models.size == "tiny":
+        raise AdcError(f"{path}.prompt: 'dape' needs the full-size teacher's tagger weights; a tiny teacher uses "
+                       "prompt: empty")
+
+
+def _student_needs(bundle) -> list[str]:
+    """A structure-only student (no weights at ``remove``) cannot be trained: what it lacked."""
+    remove = bundle.artifacts.get("remove", {})
+    if not remove.get("structure_only"):
+        return []
+    init = bundle.recipe.stage("remove").config.init if bundle.recipe.stage("remove") else "base"
+    return bundle.family.init_needs(init, bundle.weights) or [f"weights for the student (remove.init: {init})"]
+
+
+def _data_needs(bundle) -> list[str]:
+    return [] if bundle.recipe.data.train_hr else ["data.train_hr = HR image folders (LSDIR in the paper)"]
+
+
+def _eval_images(bundle, key: str) -> torch.Tensor | None:
     from ..data import PairedFolderDataset
 
     data = bundle.recipe.data
     if not (data.eval_lr and data.eval_hr):
         return None
     pairs = PairedFolderDataset(data.eval_lr, data.eval_hr, scale=bundle.recipe.task.scale)
-    return torch.stack([pairs[i][key] for i in range(min(limit, len(pairs)))])
+    n = min(data.eval_limit or MEASURE_DEFAULT, len(pairs))
+    return torch.stack([pairs[i][key] for i in range(n)])
+
+
+def _real_vae(bundle) -> nn.Module:
+    return bundle.cached("real_vae", lambda: bundle.family.real_vae(bundle.size, bundle.weights, bundle.teacher)
+                         .eval().requires_grad_(False))
+
+
+def _with_data(bundle, config):
+    extra = {"degradation": bundle.recipe.data.degradation.to_dict()} if hasattr(config, "degradation") else {}
+    return replace(config, train_hr=list(bundle.recipe.data.train_hr), **extra)
 
 
 # --------------------------------------------------------------------------------------------
 # stage 1
 # --------------------------------------------------------------------------------------------
 def run_pretrain_decoder_needs(bundle, config: PretrainDecoderConfig) -> list[str]:
-    needs = bundle.missing_weights("sd21_base")
-    if not _train_hr(bundle, config):
-        needs.append("data.train_hr = HR image folders (LSDIR in the paper)")
-    return needs
+    needs = bundle.family.real_vae_needs(bundle.weights) if bundle.size == "full" else []
+    return needs + _student_needs(bundle) + _data_needs(bundle)
 
 
 @torch.no_grad()
@@ -72,86 +97,84 @@ def _reconstruction_psnr(vae: nn.Module, decoder: nn.Module, hr01: torch.Tensor)
 
 def run_pretrain_decoder(bundle, config: PretrainDecoderConfig, stage_dir: Path) -> dict[str, Any]:
     from ..recover.decoder_pretrain import DecoderModels, run_stage
-    from ..student import compose_student, load_student, read_chain, save_student
 
-    src = bundle.student_dir()
-    student, decoder = load_student(src)
-    vae = _plain_vae(bundle).eval().requires_grad_(False)
+    state = bundle.student_state()
+    decoder = state.decoder
+    vae = _real_vae(bundle)
     held_out = _eval_images(bundle, "hr")
     before = _reconstruction_psnr(vae, decoder, held_out) if held_out is not None else None
-    config = replace(config, train_hr=_train_hr(bundle, config))
-    artifacts = run_stage(DecoderModels(vae=vae, decoder=decoder), config, stage_dir)
-    decoder = decoder.cpu().eval()
+    artifacts = run_stage(DecoderModels(vae=vae, decoder=decoder), _with_data(bundle, config), stage_dir,
+                          write_decoder=False)
+    decoder = artifacts.pop("model").cpu().eval()
     after = _reconstruction_psnr(vae.cpu(), decoder, held_out) if held_out is not None else None
-    new = compose_student(student.unet, decoder, student.config.unshuffle, student.color_fix)
-    out = save_student(stage_dir / "student", new, read_chain(src / "unet"), decoder, read_chain(src / "decoder"))
-    artifacts["student"] = str(out)
+    bundle.set_student(state.recompose(decoder=decoder))
     if before is not None:
         artifacts["measured"] = {"reconstruction PSNR-Y on the eval HR images (dB), before -> after":
                                  f"{before:.2f} -> {after:.2f} ({len(held_out)} HR images, full size)"}
-    return artifacts
+    return _relative(bundle, artifacts)
+
+
+def _relative(bundle, artifacts: dict[str, Any]) -> dict[str, Any]:
+    """Paths inside the run directory made relative to it (a run directory can be moved)."""
+    import os
+
+    root = bundle.run_dir.resolve()
+    out = {}
+    for k, v in artifacts.items():
+        if isinstance(v, str) and os.sep in v and Path(v).resolve().is_relative_to(root):
+            v = os.path.relpath(Path(v).resolve(), root)
+        out[k] = v
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # stage 2
 # --------------------------------------------------------------------------------------------
 def run_distill_needs(bundle, config: DistillConfig) -> list[str]:
-    needs = bundle.missing_weights("sd21_base", "osediff")
-    if config.prompt == "dape":
-        needs += bundle.missing_weights("ram", "dape", "ram_tag_list")
-    if not _train_hr(bundle, config):
-        needs.append("data.train_hr = HR image folders (LSDIR in the paper)")
-    return needs
-
-
-def _disc_unet(bundle) -> nn.Module:
-    """D starts from the plain SD 2.1-base UNet (official); at tiny size, the tiny teacher's UNet merged."""
+    needs = list(bundle.teacher_needs())
     if bundle.size == "full":
-        from ..zoo.sd import load_sd_components
-
-        return load_sd_components(bundle.recipe.models.sd21_base, ("unet",))["unet"]
-    teacher = copy.deepcopy(bundle.teacher()).cpu()
-    if teacher.has_lora:
-        teacher.merge_lora()
-    return teacher.unet
+        needs += [n for n in bundle.family.distill_needs(bundle.weights, config.prompt) if n not in needs]
+        if config.adv_weight > 0:
+            needs += [n for n in bundle.family.real_vae_needs(bundle.weights) if n not in needs]
+    return needs + _student_needs(bundle) + _data_needs(bundle)
 
 
 @torch.no_grad()
-def _distill_measure(student, teacher_feats, teacher, lr01: torch.Tensor) -> dict[str, float]:
+def _distill_measure(student, teacher_feats, teacher_sr, lr01: torch.Tensor) -> dict[str, float]:
     from ..metrics import psnr_y
 
-    device = next(teacher.parameters()).device
+    device = next(teacher_feats.parameters()).device
     student.to(device)
     lr = (lr01 * 2 - 1).to(device)
     f_s, f_t = student.features(lr), teacher_feats(lr)
     sr_s = (student(lr) + 1) / 2
-    sr_t = (teacher(lr) + 1) / 2
+    sr_t = (teacher_sr(lr) + 1) / 2
     return {"feature_l1": float((f_s - f_t).abs().mean()),
             "psnr_student_vs_teacher": float(psnr_y(sr_s.clamp(0, 1), sr_t.clamp(0, 1)).mean())}
 
 
 def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any]:
-    from ..io import load_safetensors
-    from ..recover.distill import AdcSRTeacherFeatures, DecoderFeatures, adcsr_bundle, run_stage
-    from ..student import load_student, read_chain, save_student
+    import copy
 
-    src = bundle.student_dir()
-    student, decoder = load_student(src)
+    from ..recover.distill import DecoderFeatures, TeacherFeatures, feature_distill_bundle, run_stage
+
+    state = bundle.student_state()
+    student, decoder = state.model, state.decoder
     teacher = bundle.teacher()
-    gt_vae = _plain_vae(bundle)
-    disc = _disc_unet(bundle) if config.adv_weight > 0 else None
-    config = replace(config, train_hr=_train_hr(bundle, config))
+    parts = bundle.family.distill_parts(teacher, bundle.size, bundle.weights, bundle.options)
+    if config.adv_weight == 0:
+        parts.disc_unet = None
+    config = _with_data(bundle, config)
     lr_held = _eval_images(bundle, "lr")
-    feats = AdcSRTeacherFeatures(teacher, DecoderFeatures(copy.deepcopy(decoder).to(bundle.device))).eval()
-    dbundle = adcsr_bundle(student, teacher, decoder, disc, config, gt_vae=gt_vae)
-    before = _distill_measure(student, feats, teacher, lr_held) if lr_held is not None else None
-    artifacts = run_stage(dbundle, config, stage_dir)
-    student.load_state_dict(load_safetensors(artifacts["adcsr"]))
-    student.eval()
-    after = _distill_measure(student, feats, teacher, lr_held) if lr_held is not None else None
-    out = save_student(stage_dir / "student", student.cpu(), read_chain(src / "unet"), decoder.cpu(),
-                       read_chain(src / "decoder"))
-    artifacts["student"] = str(out)
+    feats = TeacherFeatures(teacher, parts.teacher_latent, parts.decode_input,
+                            DecoderFeatures(copy.deepcopy(decoder).to(bundle.device))).eval()
+    dbundle = feature_distill_bundle(student, decoder, parts, config, export_official=False)
+    sr_teacher = lambda lr: bundle.family.teacher_forward(teacher, lr)  # noqa: E731
+    before = _distill_measure(student, feats, sr_teacher, lr_held) if lr_held is not None else None
+    artifacts = run_stage(dbundle, config, stage_dir, write_student=False)
+    student = artifacts.pop("model").adcsr.cpu().eval()
+    after = _distill_measure(student, feats, sr_teacher, lr_held) if lr_held is not None else None
+    bundle.set_student(_trained(state, student))
     if before is not None:
         n = len(lr_held)
         drop = 100 * (1 - after["feature_l1"] / before["feature_l1"])
@@ -161,4 +184,11 @@ def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any
             "PSNR-Y of student vs teacher SR on the eval LR images (dB), before -> after":
                 f"{before['psnr_student_vs_teacher']:.2f} -> {after['psnr_student_vs_teacher']:.2f}",
         }
-    return artifacts
+    return _relative(bundle, artifacts)
+
+
+def _trained(state, student):
+    """The state with the distilled student (its own UNet and mid-block; the decoder is unchanged)."""
+    from ..student import StudentState
+
+    return StudentState(student, state.decoder.cpu(), state.chains, state.info)

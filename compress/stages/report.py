@@ -41,8 +41,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _rel(path: str | None, root: Path) -> str | None:
+    """A path for the report: artifact paths are already relative to the run directory."""
     if not path:
         return None
+    if not os.path.isabs(path):
+        return path
     try:
         return os.path.relpath(path, root)
     except ValueError:
@@ -53,14 +56,18 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
     recipe, art, root = bundle.recipe, bundle.artifacts, bundle.run_dir
     task = recipe.task
     lines = [f"# {config.title or f'adc run: {recipe.name}'}", ""]
-    lines += [f"Made by `python -m compress.run {shlex.quote(str(recipe.source or recipe.name))}` "
-              f"(run directory `{root}`); models: {recipe.models.size} size, teacher {recipe.models.teacher}; "
+    command = " ".join(["python -m compress.run", shlex.quote(_rel(str(recipe.source), Path.cwd()) if recipe.source else recipe.name)]
+                       + [f"--set {shlex.quote(o)}" for o in recipe.overrides])
+    lines += [f"Made by `{command}`; models: family {recipe.models.family}, {recipe.models.size} size; "
               f"task: x{task.scale}, t = {task.timestep}, prompt {task.prompt}. Python {sys.version.split()[0]}.", ""]
     csv_rows: list[dict[str, Any]] = []
 
     if bundle.skipped:
         lines += ["## Stopped early", "", "These stages were skipped because the recipe does not give what they need:", ""]
         lines += [f"- **{name}**: {'; '.join(needs)}" for name, needs in bundle.skipped.items()] + [""]
+    if bundle.notes:
+        lines += ["## Notes", "", "What was skipped, replaced or simplified in this run, and why:", ""]
+        lines += [f"- {n}" for n in bundle.notes] + [""]
 
     if "analyse" in art:
         a = art["analyse"]

@@ -1,17 +1,17 @@
-"""``remove`` and ``prune``: the structural half of ADC, as recorded transformations.
+"""``remove`` and ``prune``: the structural half of ADC, driven by the analysis plan.
 
-``remove`` turns the teacher's parts into a dense student that already runs LR -> SR:
-PixelUnshuffle replaces the VAE encoder, the UNet loses its time branch (deleted as AdcSR does,
-or folded exactly at the task's timestep) and its cross-attention (the prompt is dropped), its
-``conv_in``/``conv_out`` are widened by repetition to the new interfaces, and it feeds the VAE
-decoder's mid-block directly. ``prune`` then narrows the decoder and the UNet. Every step is a
-:mod:`compress.prune` call whose record goes into the saved chain, so ``load_student`` rebuilds
-the result from the base configs in one call.
+``remove`` turns the teacher's parts (the family's denoiser and decoder) into a dense student
+that already runs LR -> SR: what the plan removes goes (cross-attention of a dropped prompt),
+what it folds is folded exactly at the plan's constants or deleted as AdcSR does (``time``), the
+re-encoder the plan found is replaced by PixelUnshuffle, the denoiser's ``conv_in``/``conv_out``
+are widened by repetition to the new interfaces, and it feeds the decoder's mid-block
+directly. ``prune`` then narrows the decoder and the denoiser, with the plan's interfaces and
+its dependency graphs. Every step is a :mod:`compress.prune` call whose record goes into the
+part's chain, so :func:`compress.student.load_student` rebuilds the result in one call.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,71 +28,85 @@ from ..prune import ChannelPruneConfig, SliceConfig
 # --------------------------------------------------------------------------------------------
 @dataclass
 class RemoveConfig:
-    time: Literal["delete", "fold"] = "delete"          # AdcSR deletes; fold keeps the t=999 bias exactly
-    cross_attention: Literal["delete"] = "delete"      # the compressed model takes no prompt
-    input_stem: Literal["pixel_unshuffle"] = "pixel_unshuffle"  # replaces the VAE encoder
-    unshuffle: int = 2
-    init: Literal["sd21_base", "teacher", "random"] = "sd21_base"  # where the student's weights come from
+    time: Literal["delete", "fold"] = "delete"      # what happens to the plan's foldable time branch
+    input_stem: Literal["pixel_unshuffle"] = "pixel_unshuffle"  # replaces the re-encoder the plan found
+    unshuffle: int | None = None                     # None: the plan's input/latent size ratio
+    init: str = "base"                               # base | teacher | random (the family says which exist)
 
     def validate(self, path: str) -> None:
-        if self.unshuffle < 1:
+        if self.unshuffle is not None and self.unshuffle < 1:
             raise AdcError(f"{path}.unshuffle: expected a positive integer, got {self.unshuffle}")
 
 
-def run_remove_needs(bundle, config: RemoveConfig) -> list[str]:
-    return []  # without weights the structure is built on random init (enough for analysis and profiling)
+def check_remove(recipe, config: RemoveConfig, path: str) -> None:
+    choices = recipe.family.init_choices()
+    if config.init not in choices:
+        raise AdcError(f"{path}.init: {config.init!r} is not one of {', '.join(map(repr, choices))} "
+                       f"(family {recipe.models.family})")
+    if recipe.task.prompt != "dropped":
+        raise AdcError(f"{path}: task.prompt is {recipe.task.prompt!r}; the AdcSR-style student takes no prompt "
+                       "(set task.prompt: dropped)")
 
 
-def _source_parts(bundle, init: str) -> tuple[dict | None, dict | None, str]:
-    """State dicts (unet, vae decoder) to start the student from, and a note on where they came from."""
-    from ..zoo.sd import load_sd_components
+def _plan_part(bundle, path: str):
+    from .analyse import load_plan
 
-    if init == "random":
-        return None, None, "random init (init: random)"
-    if init == "teacher" or bundle.size == "tiny":
-        teacher = copy.deepcopy(bundle.teacher()).cpu()
-        if teacher.has_lora:
-            teacher.merge_lora()
-        return teacher.unet.state_dict(), teacher.vae.decoder.state_dict(), "the teacher (LoRA merged)"
-    path = bundle.recipe.models.sd21_base
-    if path is None:
-        return None, None, "random init: models.sd21_base not given (structure only; train with real weights)"
-    parts = load_sd_components(path, ("unet", "vae"))
-    return parts["unet"].state_dict(), parts["vae"].decoder.state_dict(), f"SD 2.1-base at {path}"
+    plan = load_plan(bundle)
+    return None if plan is None else plan.part(path)
+
+
+def _unshuffle(bundle, config: RemoveConfig) -> int:
+    if config.unshuffle is not None:
+        return config.unshuffle
+    from .analyse import load_plan
+
+    plan = load_plan(bundle)
+    re = (plan.reencoder if plan is not None else {}) or {}
+    x, a = re.get("input_shape"), re.get("output_shape")
+    if x and a and len(x) == 4 and len(a) == 4 and a[2] and x[2] % a[2] == 0:
+        return x[2] // a[2]
+    bundle.note("remove: no re-encoder in the analysis plan (or no analyse stage): PixelUnshuffle(2) as AdcSR")
+    return 2
 
 
 def run_remove(bundle, config: RemoveConfig, stage_dir: Path) -> dict[str, Any]:
-    from ..prune import base_model, fold_timestep, remove_conditioning, widen_module
-    from ..student import compose_student, save_student
+    from ..prune import fold_timestep, remove_conditioning, widen_module
+    from ..student import StudentState, compose_student
 
-    size, task = bundle.size, bundle.recipe.task
-    if task.prompt != "dropped":
-        raise AdcError(f"stages.remove: task.prompt is {task.prompt!r}; the AdcSR student drops the prompt "
-                       "(set task.prompt: dropped)")
+    family, task = bundle.family, bundle.recipe.task
     torch.manual_seed(bundle.recipe.seed)
-    unet, r_base = base_model("compress.zoo.sd:build_unet", size=size)
-    decoder, d_base = base_model("compress.zoo.sd:build_vae_decoder", size=size)
-    unet_sd, dec_sd, source = _source_parts(bundle, config.init)
-    if unet_sd is not None:
-        unet.load_state_dict(unet_sd)
-        decoder.load_state_dict(dec_sd)
-    chain = [r_base]
+    parts = family.student_parts(bundle.size, bundle.weights, config.init, bundle.teacher)
+    unet, decoder = parts.denoiser.module, parts.decoder.module
+    chain, dec_chain = [parts.denoiser.base], [parts.decoder.base]
+    part = _plan_part(bundle, parts.denoiser.path)
+    dec_part = _plan_part(bundle, parts.decoder.path)
+    if dec_part is not None and (dec_part.remove or dec_part.fold):
+        d = (dec_part.remove or dec_part.fold)[0]
+        raise AdcError(f"remove: the plan {d.action}s {parts.decoder.path}.{d.module} ({d.reason[:100]}); the "
+                       "AdcSR-style student keeps the whole decoder")
+    removed = part.names("remove") if part else None
+    folded = part.names("fold") if part else None
     if config.time == "fold":
-        unet, r = remove_conditioning(unet, drop=("cross_attention",))
+        unet, r = remove_conditioning(unet, drop=("cross_attention",), planned=removed)
         chain.append(r)
-        unet, r = fold_timestep(unet, task.timestep)
+        unet, r = fold_timestep(unet, task.timestep, planned=folded)
     else:
-        unet, r = remove_conditioning(unet, drop=("time", "cross_attention"))
+        planned = None if part is None else removed + folded
+        unet, r = remove_conditioning(unet, drop=("time", "cross_attention"), planned=planned)
     chain.append(r)
-    in_ch = 3 * config.unshuffle**2
+    r_unshuffle = _unshuffle(bundle, config)
+    in_ch = 3 * r_unshuffle ** 2
     feature_ch = decoder.mid_block.resnets[0].conv1.in_channels
     for name, kw in (("conv_in", {"in_channels": in_ch}), ("conv_out", {"out_channels": feature_ch})):
         unet, r = widen_module(unet, name, **kw)
         chain.append(r)
-    student = compose_student(unet, decoder, config.unshuffle)
-    out = save_student(stage_dir / "student", student, chain, decoder, [d_base], {"source": source})
-    params = sum(p.numel() for p in student.parameters())
-    return {"student": str(out), "source": source, "params": params,
+    state = StudentState(compose_student(unet, decoder, r_unshuffle), decoder, {"unet": chain, "decoder": dec_chain},
+                         {"source": parts.source, "family": family.name})
+    bundle.set_student(state)
+    if state.on_meta:
+        bundle.note(f"remove: {parts.source} (nothing trainable; stages that train or evaluate are skipped)")
+    return {"source": parts.source, "params": state.params(), "unshuffle": r_unshuffle,
+            "structure_only": state.on_meta, "plan": "used" if part is not None else "none (no analyse stage)",
             "removed": [c.name for rec in chain[1:] for c in rec.changes][:50],
             "records": [{"op": rec.op, "params_before": rec.params_before, "params_after": rec.params_after}
                         for rec in chain[1:]]}
@@ -117,18 +131,24 @@ class PruneConfig:
                                                                   channels=ChannelPruneConfig(pruning_ratio=0.5)))
 
 
-def run_prune_needs(bundle, config: PruneConfig) -> list[str]:
-    return []
+def _prune_part(bundle, model: nn.Module, part: PartPrune, path: str, example: torch.Tensor, chain: list
+                ) -> nn.Module:
+    from dataclasses import replace
 
-
-def _prune_part(model: nn.Module, part: PartPrune, example: torch.Tensor, chain: list) -> nn.Module:
     from ..prune import prune_channels, slice_width
 
     if part.method == "slice":
         model, r = slice_width(model, part.slice.ratio_keep, part.slice.gn_policy, part.slice.divisors,
                                part.slice.attention_scale)
     elif part.method == "channels":
-        model, r = prune_channels(model, part.channels, example)
+        cfg, graph = part.channels, None
+        plan_part = _plan_part(bundle, path)
+        if plan_part is not None:
+            # The plan's interfaces and kept layers; its dependency graph, rebound to this module.
+            cfg = replace(cfg, interfaces={**plan_part.interfaces} or cfg.interfaces,
+                          ignore=tuple(cfg.ignore) + tuple(plan_part.kept))
+            graph = bundle.plan.take_graph(path, model)
+        model, r = prune_channels(model, cfg, example, graph=graph)
     else:
         return model
     chain.append(r)
@@ -137,19 +157,18 @@ def _prune_part(model: nn.Module, part: PartPrune, example: torch.Tensor, chain:
 
 def run_prune(bundle, config: PruneConfig, stage_dir: Path) -> dict[str, Any]:
     from ..prune import presliced_width, widen_module
-    from ..student import compose_student, load_student, read_chain, save_student
 
-    src = bundle.student_dir()
-    student, decoder = load_student(src)
-    unet_chain, dec_chain = read_chain(src / "unet"), read_chain(src / "decoder")
-    before = sum(p.numel() for p in student.parameters())
-    unshuffle = student.config.unshuffle
-
-    latent = torch.randn(1, decoder.conv_in.in_channels, 8, 8)
-    decoder = _prune_part(decoder, config.decoder, latent, dec_chain)
+    state = bundle.student_state()
+    family = bundle.family
+    unet_chain, dec_chain = list(state.chains["unet"]), list(state.chains["decoder"])
+    before = state.params()
+    unshuffle = state.model.config.unshuffle
+    decoder, unet = state.decoder, state.model.unet
+    dev = next(decoder.parameters()).device
+    latent = torch.randn(1, decoder.conv_in.in_channels, 8, 8, device=dev)
+    decoder = _prune_part(bundle, decoder, config.decoder, family.decoder_path, latent, dec_chain)
     feature_ch = decoder.mid_block.resnets[0].conv1.in_channels
 
-    unet = student.unet
     in_ch = unet.conv_in.in_channels
     if config.unet.method == "slice":  # widen the interfaces so that the slice lands on them (AdcSR's 16 / 342)
         k = config.unet.slice.ratio_keep
@@ -160,14 +179,18 @@ def run_prune(bundle, config: PruneConfig, stage_dir: Path) -> dict[str, Any]:
     for name, kw in targets:
         unet, r = widen_module(unet, name, **kw)
         unet_chain.append(r)
-    example = torch.randn(1, in_ch, 16, 16)
-    unet = _prune_part(unet, config.unet, example, unet_chain)
+    example = torch.randn(1, in_ch, 16, 16, device=dev)
+    unet = _prune_part(bundle, unet, config.unet, family.denoiser_path, example, unet_chain)
     if unet.conv_in.in_channels != in_ch or unet.conv_out.out_channels != feature_ch:
         raise AdcError(f"stages.prune: the pruned UNet maps {unet.conv_in.in_channels}->{unet.conv_out.out_channels} "
                        f"channels, the student needs {in_ch}->{feature_ch}")
-    pruned = compose_student(unet, decoder, unshuffle)
-    out = save_student(stage_dir / "student", pruned, unet_chain, decoder, dec_chain)
-    after = sum(p.numel() for p in pruned.parameters())
-    return {"student": str(out), "params_before": before, "params_after": after,
-            "unet_widths": list(pruned.config.unet_block_out_channels),
-            "decoder_widths": list(pruned.config.decoder_block_out_channels)}
+    from ..student import StudentState, compose_student
+
+    pruned = StudentState(compose_student(unet, decoder, unshuffle, state.model.color_fix), decoder,
+                          {"unet": unet_chain, "decoder": dec_chain}, state.info)
+    bundle.set_student(pruned)
+    return {"params_before": before, "params_after": pruned.params(),
+            "unet_widths": list(pruned.model.config.unet_block_out_channels),
+            "decoder_widths": list(pruned.model.config.decoder_block_out_channels),
+            "graphs": {p: ("the analysis plan's" if r.extra.get("graph") == "the analysis plan's" else "traced here")
+                       for p, r in (("unet", unet_chain[-1]), ("decoder", dec_chain[-1])) if r.op == "prune_channels"}}

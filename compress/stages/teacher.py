@@ -1,10 +1,11 @@
-"""``train_teacher``: a short supervised warm-up of a *tiny* OSEDiff-shaped teacher.
+"""``train_teacher``: train a *tiny* teacher of the recipe's family from scratch, as an SR model.
 
-Why: the offline demo has no real OSEDiff weights, and distilling from a random network
-teaches nothing. A few hundred steps of L1 on Real-ESRGAN-degraded sample images give a
-tiny teacher whose SR outputs beat its random init, so every later stage has something real
-to preserve. With real weights (``models.size: full``) this stage is refused: the teacher is
-the user's OSEDiff.
+Why: the offline demo has no real weights, and distilling from a random network teaches
+nothing. L1 training on Real-ESRGAN-degraded HR crops gives a tiny teacher whose outputs mean
+something, so every later stage has something real to preserve. The demo recipe loads a teacher
+trained this way and shipped in ``data/teachers/`` (``models.checkpoint``; made by
+``python profiling/train_tiny_teacher.py``); this stage stays available to retrain one. With
+real weights (``models.size: full``) it is refused: the teacher is the user's.
 """
 
 from __future__ import annotations
@@ -17,66 +18,71 @@ import torch
 
 from ..errors import AdcError
 from ..io import save_safetensors
+from ..recover.engine import EngineConfig
 
 
 @dataclass
 class TrainTeacherConfig:
     lr: float = 5e-4
     crop: int = 128
-    prompt: str = "empty"  # the tiny teacher is conditioned on the fixed empty-prompt embedding
-    engine: dict[str, Any] = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, path: str) -> None:
-        from ..recover.engine import EngineConfig
+        if not self.lr > 0 or self.lr != self.lr or self.lr == float("inf"):
+            raise AdcError(f"{path}.lr: expected a positive finite number, got {self.lr}")
+        if self.crop < 64 or self.crop % 64:
+            raise AdcError(f"{path}.crop: {self.crop} is not a positive multiple of 64 (LR = crop/4 must divide by 16)")
+        self.engine.validate(f"{path}.engine")
 
-        EngineConfig.from_dict(self.engine, f"{path}.engine").validate(f"{path}.engine")
-        if self.crop % 64:
-            raise AdcError(f"{path}.crop: {self.crop} is not a multiple of 64 (LR = crop/4 must divide by 16)")
+
+def check_train_teacher(recipe, config: TrainTeacherConfig, path: str) -> None:
+    if recipe.models.size != "tiny":
+        raise AdcError(f"{path}: only for models.size: tiny (full size uses your teacher weights)")
 
 
 def run_train_teacher_needs(bundle, config: TrainTeacherConfig) -> list[str]:
-    return []
+    return [] if bundle.recipe.data.train_hr else ["data.train_hr = HR image folders to train the tiny teacher on"]
 
 
-def run_train_teacher(bundle, config: TrainTeacherConfig, stage_dir: Path) -> dict[str, Any]:
-    from ..data import DegradationConfig, RealESRGANDegradation
+def train_teacher(family, teacher, train_hr: list[Path], degradation, config: TrainTeacherConfig, run_dir: Path,
+                  seed: int = 0, log=print):
+    """Train ``teacher`` (the family says which parameters) with L1 on degraded HR crops; return the engine result."""
+    from ..data import RealESRGANDegradation
     from ..recover.decoder_pretrain import hr_crops
-    from ..recover.engine import EngineConfig, StepContext, TrainSetup, item_seed, train
-    from ..zoo.osediff import build_osediff
+    from ..recover.engine import StepContext, TrainSetup, item_seed, train
 
-    if bundle.size != "tiny":
-        raise AdcError("stages.train_teacher: only for models.size: tiny (full size uses your OSEDiff weights)")
-    recipe = bundle.recipe
-    torch.manual_seed(recipe.seed)
-    teacher = build_osediff("tiny")
-    # DAPE is not trained here (its tied BERT weights would also clutter the checkpoints): set aside.
-    dape, teacher.prompt_extractor = teacher.prompt_extractor, None
-    teacher.requires_grad_(True)
-    teacher.text_encoder.requires_grad_(False)
-    with torch.no_grad():
-        prompt = teacher.encode_prompt()
-    degrade = RealESRGANDegradation(DegradationConfig.from_dict(recipe.data.degradation, "recipe.data.degradation"))
-    dataset = hr_crops(list(recipe.data.train_hr), config.crop, True, recipe.seed)
-    params = [p for p in teacher.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=config.lr)
+    degrade = RealESRGANDegradation(degradation)
+    dataset = hr_crops(list(train_hr), config.crop, True, seed)
 
     def step_fn(ctx: StepContext, batch: dict) -> None:
         hr = batch["data"]
-        lr_img = torch.cat([degrade(hr[i:i + 1], seed=item_seed(recipe.seed, int(e), int(j)))
+        lr_img = torch.cat([degrade(hr[i:i + 1], seed=item_seed(seed, int(e), int(j)))
                             for i, (e, j) in enumerate(zip(batch["epoch"], batch["index"]))])
         with ctx.autocast():
-            sr = ctx.model("teacher")(lr_img * 2 - 1, prompt.to(ctx.device))
+            sr = family.teacher_forward(ctx.model("teacher"), lr_img * 2 - 1)
             loss = (sr.float() - (hr * 2 - 1)).abs().mean()
         ctx.optimize("teacher", {"l1": loss})
 
-    setup = TrainSetup(name="train_teacher", trainable={"teacher": teacher}, optimizers={"teacher": opt},
-                       losses={"teacher": ["l1"]}, step_fn=step_fn, dataset=dataset)
-    engine = EngineConfig.from_dict(config.engine, "stages.train_teacher.engine").with_defaults(
-        max_steps=300, batch_size=4, checkpoint_every=100)
-    result = train(setup, engine, stage_dir)
-    trained = result.models["teacher"]
-    trained.prompt_extractor = dape
+    engine = config.engine.with_defaults(max_steps=300, batch_size=4, checkpoint_every=100)
+    with family.training_view(teacher) as module:
+        module.requires_grad_(False)
+        params = family.teacher_trainable(module)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=config.lr)
+        setup = TrainSetup(name="train_teacher", trainable={"teacher": module}, optimizers={"teacher": opt},
+                           losses={"teacher": ["l1"]}, step_fn=step_fn, dataset=dataset)
+        result = train(setup, engine, run_dir, log=log)
+    return result
+
+
+def run_train_teacher(bundle, config: TrainTeacherConfig, stage_dir: Path) -> dict[str, Any]:
+    recipe = bundle.recipe
+    torch.manual_seed(recipe.seed)
+    teacher = bundle.family.build_teacher("tiny", "cpu", bundle.options)
+    result = train_teacher(bundle.family, teacher, recipe.data.train_hr, recipe.data.degradation, config, stage_dir,
+                           recipe.seed)
     weights = stage_dir / "teacher.safetensors"
-    save_safetensors({k: v.detach().cpu() for k, v in trained.state_dict().items()}, weights)
-    return {"weights": str(weights), "steps": result.step, "metrics": str(stage_dir / "metrics.csv"),
-            "loss_curve": str(stage_dir / "loss_curve.png"), "steps_per_s": result.summary.get("steps_per_s")}
+    save_safetensors({k: v.detach().cpu() for k, v in teacher.state_dict().items()}, weights)  # DAPE included
+    return {"weights": bundle.rel(weights), "steps": result.step, "metrics": bundle.rel(stage_dir / "metrics.csv"),
+            "loss_curve": bundle.rel(stage_dir / "loss_curve.png"), "steps_per_s": result.summary.get("steps_per_s")}

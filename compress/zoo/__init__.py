@@ -1,53 +1,27 @@
-"""The model zoo: every model built from its config, on any device, never downloaded.
+"""The model zoo: the architectures (blocks, configs, official checkpoint layouts), never downloaded.
 
-``build(name, size, device)`` gives a random-init model (``device="meta"`` for counting
-only); each model's module has the loaders for its official checkpoint layout.
+Each module builds its models from their configs (random init, or ``device="meta"`` for
+counting) and reads and writes their official checkpoint layouts. Which models exist by name is
+the family registry's business (:mod:`compress.families`): ``compress.families.build(name,
+size, device)`` builds a family's teacher or one of its compressed models; ``build`` here is
+the same call.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
-from ..errors import AdcError
-from .adcsr import build_adcsr
-from .sd import build_text_encoder, build_unet, build_vae
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "sd21-unet": build_unet,
-    "sd21-vae": build_vae,
-    "sd21-text-encoder": build_text_encoder,
-    "adcsr": build_adcsr,
-}
+def build(name: str, size: str = "full", device: str | torch.device = "cpu") -> nn.Module:
+    """A model by name with random weights: see :func:`compress.families.build`."""
+    from ..families import build as build_model
 
-
-def register(name: str, builder: Callable[..., nn.Module]) -> None:
-    _REGISTRY[name] = builder
+    return build_model(name, size, device)
 
 
 def available() -> list[str]:
-    _load_optional()
-    return sorted(_REGISTRY)
+    """Every buildable model name (families' teachers and their named models)."""
+    from ..families import models
 
-
-def build(name: str, size: str = "full", device: str | torch.device = "cpu") -> nn.Module:
-    """Build zoo model ``name`` ("full" or "tiny" widths) with random init on ``device``."""
-    _load_optional()
-    if name not in _REGISTRY:
-        raise AdcError(f"unknown model {name!r}; the zoo has {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](size=size, device=device)
-
-
-def _load_optional() -> None:
-    """Register the pipelines defined in their own modules (imported lazily: they pull transformers/peft)."""
-    for mod in ("osediff", "s3diff"):
-        try:
-            module = __import__(f"{__name__}.{mod}", fromlist=["ZOO"])
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.endswith(mod):
-                continue
-            raise
-        for name, builder in getattr(module, "ZOO", {}).items():
-            _REGISTRY.setdefault(name, builder)
+    return sorted(models())

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import AdcError
 from ..io import safe_torch_load
-from .build import build_module
+from .construct import build_module
 from .sd import SD21_UNET
 from .unet import ConditionFreeUNet, strip_conditioning
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import AdcError
 from ..io import safe_torch_load
-from .build import build_module
+from .construct import build_module
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -307,7 +307,7 @@ class DAPE(nn.Module):
                               "fc": self.fc})
 
     def tag_path_parameters(self) -> int:
-        from .build import count_parameters
+        from .construct import count_parameters
 
         return count_parameters(self.tag_path()) + self.label_embed.numel()
 

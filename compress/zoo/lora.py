@@ -19,6 +19,36 @@ from ..errors import AdcError
 from ..io import safe_torch_load
 
 
+# OSEDiff's UNet grep (osediff.py: initialize_unet), in its order; AdcSR's discriminator uses it too.
+UNET_GREP: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
+                              "conv_shortcut", "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
+UNET_ADAPTERS: tuple[str, ...] = ("default_encoder", "default_decoder", "default_others")
+
+
+def sd_unet_lora_targets(unet: nn.Module) -> dict[str, list[str]]:
+    """The three-adapter LoRA grep over a diffusers UNet: each weight (not bias/norm) goes to the
+    adapter of the first matching pattern.
+
+    ``down_blocks``/``conv_in`` -> default_encoder, ``up_blocks``/``conv_out`` -> default_decoder,
+    anything else that matches (the mid block) -> default_others. 94/148/16 modules for SD 2.1.
+    """
+    out: dict[str, list[str]] = {a: [] for a in UNET_ADAPTERS}
+    for n, _ in unet.named_parameters():
+        if "bias" in n or "norm" in n:
+            continue
+        for pattern in UNET_GREP:
+            if pattern in n:
+                name = n.replace(".weight", "")
+                if "down_blocks" in n or "conv_in" in n:
+                    out["default_encoder"].append(name)
+                elif "up_blocks" in n or "conv_out" in n:
+                    out["default_decoder"].append(name)
+                else:
+                    out["default_others"].append(name)
+                break
+    return out
+
+
 def _tuner_layer_type():
     from peft.tuners.tuners_utils import BaseTunerLayer
 

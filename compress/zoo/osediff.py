@@ -14,7 +14,7 @@ it (full LoRA-merged ``unet``/``vae`` state dicts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,17 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdcError
-from .build import build_module
+from .construct import build_module
 from .dape import DAPE, DAPE_FULL, DAPE_TINY, DAPEConfig, build_dape
-from .lora import add_adapter, check_tensors, lora_layers, merge_and_unload, merged_state_dict, read_checkpoint_dict
+from .lora import (UNET_ADAPTERS, UNET_GREP, add_adapter, check_tensors, lora_layers, merge_and_unload,
+                   merged_state_dict, read_checkpoint_dict)
+from .lora import sd_unet_lora_targets as unet_lora_targets
 from .sd import build_text_encoder, build_unet, build_vae, one_step_x0
 
-# OSEDiff's grep patterns (osediff.py: initialize_unet / initialize_vae), in its order.
-UNET_GREP: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
-                              "conv_shortcut", "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
 VAE_GREP: tuple[str, ...] = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
                              "to_k", "to_q", "to_v", "to_out.0")
-UNET_ADAPTERS: tuple[str, ...] = ("default_encoder", "default_decoder", "default_others")
 VAE_ADAPTER = "default_encoder"
 
 # SD 2.x CLIP tokenizer ids: <|startoftext|>, <|endoftext|>, and its pad token "!".
@@ -48,29 +46,6 @@ def empty_prompt_ids(batch: int = 1, length: int = MAX_TOKENS) -> torch.Tensor:
     ids = torch.full((batch, length), PAD_ID, dtype=torch.long)
     ids[:, 0], ids[:, 1] = BOS_ID, EOS_ID
     return ids
-
-
-def unet_lora_targets(unet: nn.Module) -> dict[str, list[str]]:
-    """OSEDiff's UNet grep: each weight (not bias/norm) goes to the adapter of the first matching pattern.
-
-    ``down_blocks``/``conv_in`` -> default_encoder, ``up_blocks``/``conv_out`` -> default_decoder,
-    anything else that matches (the mid block) -> default_others. 94/148/16 modules for SD 2.1.
-    """
-    out: dict[str, list[str]] = {a: [] for a in UNET_ADAPTERS}
-    for n, _ in unet.named_parameters():
-        if "bias" in n or "norm" in n:
-            continue
-        for pattern in UNET_GREP:
-            if pattern in n:
-                name = n.replace(".weight", "")
-                if "down_blocks" in n or "conv_in" in n:
-                    out["default_encoder"].append(name)
-                elif "up_blocks" in n or "conv_out" in n:
-                    out["default_decoder"].append(name)
-                else:
-                    out["default_others"].append(name)
-                break
-    return out
 
 
 def vae_lora_targets(vae: nn.Module) -> list[str]:
@@ -102,6 +77,9 @@ class OSEDiffConfig:
     scaling_factor: float = 0.18215
     dape: DAPEConfig | None = DAPE_FULL
     sample_latent: bool = False  # OSEDiff samples latent_dist; the mode (= mean) is the deterministic default
+    # diffusers config changes on top of the SD widths (the tiny teacher's own widths and latent channels)
+    unet_overrides: dict[str, Any] = field(default_factory=dict)
+    vae_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 OSEDIFF = OSEDiffConfig()
@@ -137,7 +115,8 @@ class OSEDiff(nn.Module):
         # The sd builders set their own default device; pass on the current one (meta when counting).
         device = torch.get_default_device()
         dape = DAPE(config.dape) if config.dape is not None else None
-        return cls(build_unet(config.sd_size, device), build_vae(config.sd_size, device),
+        return cls(build_unet(config.sd_size, device, **config.unet_overrides),
+                   build_vae(config.sd_size, device, **config.vae_overrides),
                    build_text_encoder(config.sd_size, device), dape, config)
 
     # ---------------------------------------------------------------- LoRA
@@ -214,7 +193,7 @@ class OSEDiff(nn.Module):
         z = dist.sample(generator) if (sample or generator is not None) else dist.mode()
         return z * self.scaling_factor
 
-    def _prompt(self, prompt_embeds: torch.Tensor | None, lr: torch.Tensor, batch: int) -> torch.Tensor:
+    def _prompt(self, prompt_embeds: torch.Tensor | None, lr: torch.Tensor | None, batch: int) -> torch.Tensor:
         emb = self.encode_prompt(lr=lr) if prompt_embeds is None else prompt_embeds
         if emb.shape[0] == 1 and batch > 1:
             emb = emb.expand(batch, -1, -1)
@@ -230,6 +209,14 @@ class OSEDiff(nn.Module):
         t = torch.tensor([self.timestep], device=z.device, dtype=torch.long)
         eps = self.unet(z, t, encoder_hidden_states=emb).sample
         return one_step_x0(z, eps, self.timestep)
+
+    def sr_from_upscaled(self, up: torch.Tensor, prompt_embeds: torch.Tensor | None = None,
+                         sample: bool | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """OSEDiff_test's forward: an already x4-resized input in [-1, 1] -> SR in [-1, 1]."""
+        z = self.encode(up, sample, generator)
+        emb = self._prompt(prompt_embeds, None, up.shape[0]).to(z.dtype)
+        t = torch.tensor([self.timestep], device=z.device, dtype=torch.long)
+        return self.decode(one_step_x0(z, self.unet(z, t, encoder_hidden_states=emb).sample, self.timestep))
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(x0 / self.scaling_factor).sample.clamp(-1, 1)
@@ -247,6 +234,17 @@ class OSEDiff(nn.Module):
         parts["unet"] = self.unet
         parts["vae.decoder"] = nn.ModuleDict({"post_quant_conv": self.vae.post_quant_conv, "decoder": self.vae.decoder})
         return parts
+
+
+def adain_color_fix(target01: torch.Tensor, source01: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """OSEDiff's ``adain_color_fix`` on (B,3,H,W) images in [0, 1]: per channel, ``target`` gets the
+    mean and std (unbiased variance + ``eps``) of ``source``; clamped to [0, 1] as the script does."""
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        return flat.mean(2)[..., None, None], (flat.var(2) + eps).sqrt()[..., None, None]
+
+    (mt, st), (ms, ss) = stats(target01), stats(source01)
+    return ((target01 - mt) / st * ss + ms).clamp(0, 1)
 
 
 def build_osediff(size: str = "full", device: str | torch.device = "cpu",

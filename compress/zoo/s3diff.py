@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdcError
-from .build import build_module
+from .construct import build_module
 from .lora import add_adapter, check_tensors, lora_layers, read_checkpoint_dict
 from .osediff import MAX_TOKENS, empty_prompt_ids
 from .sd import build_text_encoder, build_unet, build_vae, one_step_x0

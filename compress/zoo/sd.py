@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import AdcError
-from .build import build_module
+from .construct import build_module
 
 # diffusers calls the head *count* "attention_head_dim" in SD 2.x configs (a historical naming bug).
 SD21_UNET: dict[str, Any] = dict(
