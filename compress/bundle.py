@@ -41,6 +41,7 @@ class Bundle:
     student_changed: bool = False  # set by a stage that hands on a new student (the runner saves it)
     plan: Any = None             # compress.analysis.Plan of this run (with its dependency graphs)
     notes: list[str] = field(default_factory=list)  # visible lines for the report (what was skipped and why)
+    processes: int = 1           # processes of the launch (training stages run on all of them)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- what the recipe says
@@ -58,6 +59,11 @@ class Bundle:
 
     @property
     def device(self) -> torch.device:
+        """The run's device; under several processes, this process's own (``cuda:<local rank>``)."""
+        if self.processes > 1 and self.recipe.device in ("auto", "cuda"):
+            from accelerate import PartialState
+
+            return PartialState().device
         return resolve_device(self.recipe.device)
 
     @property

@@ -9,6 +9,13 @@ checkpoint. Paths in ``DONE.json`` are relative to the run directory, so it can 
 Stages whose weights or data are not given are skipped; the run then ends with one message
 listing what to put where.
 
+Several processes (``accelerate launch -m compress.run RECIPE``, ``torchrun --nproc_per_node N
+-m compress.run RECIPE``, multi-node through accelerate's config): the training stages run
+data-parallel on every process (the engine shards the data and keeps each item's randomness
+independent of the rank); every other stage runs once, on the main process, while the others
+wait and then read its results from the run directory. ``DONE.json``, reports, students and
+checkpoints are written once; ``--resume`` works the same under N processes.
+
 Exit codes: 0 done; 2 a mistake in the input (recipe, paths, files), one line on stderr;
 3 stopped because weights or data are missing (what to give is listed); 130 interrupted.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,19 +56,62 @@ def read_done(run_dir: Path, index: int, name: str) -> dict[str, Any] | None:
     return done if isinstance(done, dict) and isinstance(done.get("artifacts"), dict) else None
 
 
+class _Processes:
+    """The processes of a launch (one, or accelerate's/torchrun's N): who runs what, and in step."""
+
+    def __init__(self, recipe: Recipe):
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from .recover.engine import EngineConfig, process_state
+
+            self.state = process_state(EngineConfig(cpu=recipe.device == "cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    @property
+    def count(self) -> int:
+        return 1 if self.state is None else self.state.num_processes
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def share(self, value: Any) -> Any:
+        """The main process's ``value`` on every process (an error raised there stops them all)."""
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def once(self, fn, *args) -> Any:
+        """``fn(*args)`` on the main process; its result, or its error as an AdcError, on all."""
+        result: Any = None
+        error: str | None = None
+        if self.is_main:
+            try:
+                result = fn(*args)
+            except AdcError as exc:
+                error = str(exc)
+                if self.state is None:
+                    raise
+        error = self.share(error)
+        if error is not None:
+            raise AdcError(error)
+        return result
+
+
 def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: list[str] | None = None,
                log=print) -> dict[str, Any]:
     """Run the recipe's stages; return {"done": [...], "skipped": {stage: [needs]}, "bundle": Bundle}."""
-    existing = sorted(p.name for p in run_dir.glob("[0-9][0-9]-*")) if run_dir.is_dir() else []
-    if existing and not resume:
-        raise AdcError(f"{run_dir}: holds an earlier run ({existing[0]}, ...); continue it with --resume "
-                       "or choose a new --out (nothing was overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = run_dir / "recipe.resolved.yaml"
-    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
-    if resolved.exists() and resume and resolved.read_text() != text:
-        raise AdcError(f"{resolved}: the recipe changed since this run started; use a new --out or drop --resume")
-    atomic_write_text(resolved, text)
+    procs = _Processes(recipe)
+    if not procs.is_main:
+        log = _quiet  # noqa: F841 - one process reports
+    procs.once(_prepare_run_dir, recipe, run_dir, resume)
     if only:
         unknown = [s for s in only if recipe.stage(s) is None]
         if unknown:
@@ -71,11 +122,12 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: lis
         import torch
 
         torch.set_num_threads(recipe.threads)
-    bundle = Bundle(recipe, run_dir)
+    bundle = Bundle(recipe, run_dir, processes=procs.count)
     done: list[str] = []
     for i, stage in enumerate(recipe.stages):
         spec = STAGES[stage.name]
         sdir = stage_dir(run_dir, i, stage.name)
+        procs.wait()  # the main process's files of the stage before are in place
         previous = read_done(run_dir, i, stage.name)
         if only and stage.name not in only:
             if previous is not None:
@@ -92,23 +144,56 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: lis
             bundle.skipped[stage.name] = needs
             log(f"[{stage.name}] skipped: needs {'; '.join(needs)}")
             continue
-        log(f"[{stage.name}] running")
-        sdir.mkdir(parents=True, exist_ok=True)
+        log(f"[{stage.name}] running" + (f" on {procs.count} processes" if spec.everyone and procs.count > 1 else ""))
         start = time.perf_counter()
-        artifacts = spec.fn(bundle, stage.config, sdir) or {}
-        if bundle.student_changed:
-            from .student import save_student
-
-            save_student(sdir / "student", bundle.student)
-            artifacts["student"] = bundle.rel(sdir / "student")
-            bundle.student_changed = False
-        seconds = time.perf_counter() - start
-        bundle.artifacts[stage.name] = artifacts
-        atomic_write_json(sdir / "DONE.json", {"stage": stage.name, "seconds": round(seconds, 2),
-                                               "artifacts": artifacts})
-        log(f"[{stage.name}] done in {seconds:.1f} s")
+        if spec.everyone:  # training: every process takes its share (the engine writes once)
+            artifacts = spec.fn(bundle, stage.config, sdir) or {}
+            procs.once(_finish_stage, bundle, stage.name, sdir, artifacts, start)
+        else:
+            procs.once(_run_on_main, bundle, spec, stage, sdir, start)
+        if not procs.is_main:  # the main process ran it: take its results from the run directory
+            bundle.artifacts[stage.name] = read_done(run_dir, i, stage.name)["artifacts"]
+            bundle.student, bundle.student_changed, bundle.plan = None, False, None
+        log(f"[{stage.name}] done in {time.perf_counter() - start:.1f} s")
         done.append(stage.name)
+    procs.wait()
     return {"done": done, "skipped": bundle.skipped, "bundle": bundle}
+
+
+def _quiet(*_args: Any) -> None:
+    pass
+
+
+def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
+    existing = sorted(p.name for p in run_dir.glob("[0-9][0-9]-*")) if run_dir.is_dir() else []
+    if existing and not resume:
+        raise AdcError(f"{run_dir}: holds an earlier run ({existing[0]}, ...); continue it with --resume "
+                       "or choose a new --out (nothing was overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "recipe.resolved.yaml"
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    if resolved.exists() and resume and resolved.read_text() != text:
+        raise AdcError(f"{resolved}: the recipe changed since this run started; use a new --out or drop --resume")
+    atomic_write_text(resolved, text)
+
+
+def _run_on_main(bundle: Bundle, spec, stage, sdir: Path, start: float) -> None:
+    sdir.mkdir(parents=True, exist_ok=True)
+    artifacts = spec.fn(bundle, stage.config, sdir) or {}
+    _finish_stage(bundle, stage.name, sdir, artifacts, start)
+
+
+def _finish_stage(bundle: Bundle, name: str, sdir: Path, artifacts: dict[str, Any], start: float) -> None:
+    """Save the student the stage handed on (once), then the stage's ``DONE.json``."""
+    if bundle.student_changed:
+        from .student import save_student
+
+        save_student(sdir / "student", bundle.student)
+        artifacts["student"] = bundle.rel(sdir / "student")
+        bundle.student_changed = False
+    bundle.artifacts[name] = artifacts
+    atomic_write_json(sdir / "DONE.json", {"stage": name, "seconds": round(time.perf_counter() - start, 2),
+                                           "artifacts": artifacts})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,8 @@ def _conv_setup(root, poison_step=None):
 def test_nan_loss_stops_with_one_line_naming_step_and_term_and_keeps_the_last_checkpoint(tmp_path):
     root = realsr()
     model, setup = _conv_setup(root, poison_step=5)
-    cfg = EngineConfig(max_steps=8, batch_size=2, checkpoint_every=2, log_every=1, cpu=True, progress=False)
+    cfg = EngineConfig(max_steps=8, batch_size=2, checkpoint_every=2, keep_checkpoints=2, log_every=1, cpu=True,
+                       progress=False)
     with pytest.raises(NonFiniteLossError) as info:
         train(setup, cfg, tmp_path, log=lambda s: None)
     msg = str(info.value)
@@ -104,7 +105,7 @@ def test_nan_loss_stops_with_one_line_naming_step_and_term_and_keeps_the_last_ch
 def test_resume_false_refuses_a_directory_with_checkpoints(tmp_path):
     root = realsr()
     _, setup = _conv_setup(root)
-    cfg = EngineConfig(max_steps=2, batch_size=2, checkpoint_every=1, cpu=True, progress=False)
+    cfg = EngineConfig(max_steps=2, batch_size=2, checkpoint_every=1, keep_checkpoints=2, cpu=True, progress=False)
     res = train(setup, cfg, tmp_path, log=lambda s: None)
     assert res.step == 2 and [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000002"]
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000

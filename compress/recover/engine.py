@@ -83,7 +83,7 @@ class EngineConfig:
     gradient_checkpointing: bool = False
     allow_tf32: bool = True
     checkpoint_every: int | None = None
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 1
     resume: bool = True
     log_every: int = 10
     num_workers: int = 0
@@ -459,6 +459,42 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def checkpoint_trainable_only(modules: list[nn.Module]) -> Iterator[None]:
+    """While training, checkpoints of ``modules`` hold their trainable parameters and buffers, not
+    their frozen parameters: those never change in training and come back from the stage's own
+    inputs when it is rebuilt to resume (AdcSR's discriminator: 4.8 M trainable of a 3.5 GB UNet).
+
+    A ``state_dict`` post-hook drops the frozen ones; a ``load_state_dict`` pre-hook puts the
+    module's current values back in their place, so loading stays strict. Removed on exit.
+    """
+    handles = []
+    for m in modules:
+        handles += _trainable_only(m)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _trainable_only(module: nn.Module) -> list:
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return []
+
+    def drop(mod, state_dict, prefix, local_metadata):
+        for n in frozen:
+            state_dict.pop(prefix + n, None)
+
+    def restore(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        params = dict(mod.named_parameters())
+        for n in frozen:
+            state_dict.setdefault(prefix + n, params[n].detach())
+
+    return [module.register_state_dict_post_hook(drop), module.register_load_state_dict_pre_hook(restore)]
+
+
 def resolve_mixed_precision(config: EngineConfig, cuda: bool) -> str:
     if config.mixed_precision == "auto":
         return "bf16" if cuda else "no"
@@ -516,7 +552,8 @@ def train(setup: TrainSetup, config: EngineConfig, run_dir: str | os.PathLike, l
         raise AdcError(f"engine.{unset[0]}: not set (stages fill it with EngineConfig.with_defaults)")
     acc = make_accelerator(config)
     try:
-        return _train(acc, setup, config, run_dir, log, tqdm)
+        with checkpoint_trainable_only(list(setup.trainable.values())):
+            return _train(acc, setup, config, run_dir, log, tqdm)
     finally:
         from accelerate.state import AcceleratorState, GradientState
 
@@ -675,7 +712,7 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
     return TrainResult(unwrapped, step, summary, run_dir, last_ckpt[0])
 
 
-__all__ = ["EngineConfig", "TrainSetup", "TrainResult", "StepContext", "NonFiniteLossError", "train",
+__all__ = ["checkpoint_trainable_only", "EngineConfig", "TrainSetup", "TrainResult", "StepContext", "NonFiniteLossError", "train",
            "item_seed", "upcast", "StreamSampler", "KeyedDataset", "frozen_parameters", "enable_gradient_checkpointing",
            "list_checkpoints", "latest_checkpoint", "read_trainer_state", "plot_losses", "peak_memory",
            "make_accelerator", "process_state", "resolve_mixed_precision", "CHECKPOINT_DIR", "METRICS_FILE", "CURVE_FILE",

@@ -21,6 +21,7 @@ class StageSpec:
     name: str
     module: str
     config_name: str
+    everyone: bool = False   # run on every process of a launch (training); else on the main one only
 
     def _get(self, attr: str) -> Any:
         return getattr(importlib.import_module(self.module), attr, None)
@@ -43,17 +44,17 @@ class StageSpec:
         return list(check(bundle, config)) if check else []
 
 
-def _spec(name: str, module: str, cls: str) -> StageSpec:
-    return StageSpec(name, f"compress.stages.{module}", cls)
+def _spec(name: str, module: str, cls: str, everyone: bool = False) -> StageSpec:
+    return StageSpec(name, f"compress.stages.{module}", cls, everyone)
 
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
-    _spec("train_teacher", "teacher", "TrainTeacherConfig"),
+    _spec("train_teacher", "teacher", "TrainTeacherConfig", everyone=True),
     _spec("analyse", "analyse", "AnalyseConfig"),
     _spec("remove", "structure", "RemoveConfig"),
     _spec("prune", "structure", "PruneConfig"),
-    _spec("pretrain_decoder", "recover", "PretrainDecoderConfig"),
-    _spec("distill", "recover", "DistillConfig"),
+    _spec("pretrain_decoder", "recover", "PretrainDecoderConfig", everyone=True),
+    _spec("distill", "recover", "DistillConfig", everyone=True),
     _spec("evaluate", "evaluate", "EvaluateConfig"),
     _spec("profile", "profile", "ProfileConfig"),
     _spec("report", "report", "ReportConfig"),
