@@ -35,6 +35,7 @@ import yaml
 from .bundle import Bundle
 from .errors import AdcError
 from .io import atomic_write_json, atomic_write_text
+from .profile.memory import track_memory
 from .recipe import Recipe, load_recipe
 from .stages import STAGES
 
@@ -146,11 +147,12 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: lis
             continue
         log(f"[{stage.name}] running" + (f" on {procs.count} processes" if spec.everyone and procs.count > 1 else ""))
         start = time.perf_counter()
-        if spec.everyone:  # training: every process takes its share (the engine writes once)
-            artifacts = spec.fn(bundle, stage.config, sdir) or {}
-            procs.once(_finish_stage, bundle, stage.name, sdir, artifacts, start)
-        else:
-            procs.once(_run_on_main, bundle, spec, stage, sdir, start)
+        with track_memory(bundle.device) as memory:
+            if spec.everyone:  # training: every process takes its share (the engine writes once)
+                artifacts = spec.fn(bundle, stage.config, sdir) or {}
+            else:
+                artifacts = procs.once(_run_on_main, bundle, spec, stage, sdir)
+        procs.once(_finish_stage, bundle, stage.name, sdir, artifacts, start, memory)
         if not procs.is_main:  # the main process ran it: take its results from the run directory
             bundle.artifacts[stage.name] = read_done(run_dir, i, stage.name)["artifacts"]
             bundle.student, bundle.student_changed, bundle.plan = None, False, None
@@ -177,14 +179,14 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
     atomic_write_text(resolved, text)
 
 
-def _run_on_main(bundle: Bundle, spec, stage, sdir: Path, start: float) -> None:
+def _run_on_main(bundle: Bundle, spec, stage, sdir: Path) -> dict[str, Any]:
     sdir.mkdir(parents=True, exist_ok=True)
-    artifacts = spec.fn(bundle, stage.config, sdir) or {}
-    _finish_stage(bundle, stage.name, sdir, artifacts, start)
+    return spec.fn(bundle, stage.config, sdir) or {}
 
 
-def _finish_stage(bundle: Bundle, name: str, sdir: Path, artifacts: dict[str, Any], start: float) -> None:
-    """Save the student the stage handed on (once), then the stage's ``DONE.json``."""
+def _finish_stage(bundle: Bundle, name: str, sdir: Path, artifacts: dict[str, Any], start: float, memory) -> None:
+    """Save the student the stage handed on (once), then the stage's ``DONE.json`` with its time,
+    its own peak memory and the disk its folder uses."""
     if bundle.student_changed:
         from .student import save_student
 
@@ -192,7 +194,9 @@ def _finish_stage(bundle: Bundle, name: str, sdir: Path, artifacts: dict[str, An
         artifacts["student"] = bundle.rel(sdir / "student")
         bundle.student_changed = False
     bundle.artifacts[name] = artifacts
+    disk = sum(f.stat().st_size for f in sdir.rglob("*") if f.is_file()) if sdir.is_dir() else 0
     atomic_write_json(sdir / "DONE.json", {"stage": name, "seconds": round(time.perf_counter() - start, 2),
+                                           "memory": memory.to_dict(), "disk_mib": round(disk / 2**20, 2),
                                            "artifacts": artifacts})
 
 

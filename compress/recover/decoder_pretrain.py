@@ -174,24 +174,32 @@ class DecoderModels:
 _BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 
 
-def load_lpips(net: str = "vgg") -> tuple[nn.Module | None, str]:
-    """(LPIPS module, note). None with the reason when the package or a weight file is not on disk.
+def lpips_missing(net: str = "vgg") -> str | None:
+    """Why LPIPS cannot be used here (None: it can): the package, or a weight file not on disk.
 
     lpips' own linear heads ship inside the package; its backbone comes from torchvision's hub
-    cache, which would be downloaded on first use. We only construct it when the file is there.
+    cache, which would be downloaded on first use: adc only builds it when the file is there.
     """
     try:
-        import lpips  # noqa: F401
+        import lpips
         import torchvision  # noqa: F401
     except Exception as exc:  # ImportError, or a torchvision that does not match torch
-        return None, f"LPIPS skipped: the lpips/torchvision packages are not importable ({type(exc).__name__})"
-    import lpips
-
+        return f"the lpips/torchvision packages are not importable ({type(exc).__name__})"
     head = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
     backbone = Path(torch.hub.get_dir()) / "checkpoints" / _BACKBONE_FILES[net]
     for f in (head, backbone):
         if not f.is_file():
-            return None, f"LPIPS skipped: {f} is not on disk (adc never downloads weights)"
+            return f"{f.name} is not on disk (adc never downloads weights)"
+    return None
+
+
+def load_lpips(net: str = "vgg") -> tuple[nn.Module | None, str]:
+    """(LPIPS module, note). None with the reason when it cannot be used (see :func:`lpips_missing`)."""
+    why = lpips_missing(net)
+    if why is not None:
+        return None, f"LPIPS skipped: {why}"
+    import lpips
+
     model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
     return model, f"LPIPS-{net} used"
 

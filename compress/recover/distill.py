@@ -179,6 +179,9 @@ class DistillConfig:
     prompt_text: str = ""                      # for prompt: fixed (needs the teacher's tokenizer)
     lora_rank: int = 4
     degradation: dict[str, Any] = field(default_factory=dict)
+    # memory levers (the official code's choices are the defaults)
+    frozen_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # teacher, real path, prompts: inference only
+    optimizer: Literal["adam", "adam8bit"] = "adam"          # adam8bit: bitsandbytes' 8-bit Adam states
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     ENGINE_DEFAULTS = {"max_steps": 200_000, "batch_size": 96, "checkpoint_every": 10_000}
@@ -202,6 +205,12 @@ class DistillConfig:
             raise AdcError(f"{path}.lora_rank: expected a positive integer, got {self.lora_rank}")
         if self.prompt == "fixed" and not self.prompt_text:
             raise AdcError(f"{path}.prompt_text: prompt 'fixed' needs the text to embed")
+        if self.optimizer == "adam8bit":
+            try:
+                import bitsandbytes  # noqa: F401
+            except Exception as exc:  # ImportError, or a build without this platform's kernels
+                raise AdcError(f"{path}.optimizer: adam8bit needs bitsandbytes ({type(exc).__name__}); "
+                               "pip install bitsandbytes, or use adam") from None
         from ..data import DegradationConfig
 
         DegradationConfig.from_dict(self.degradation, f"{path}.degradation")
@@ -220,8 +229,8 @@ def build_setup(bundle: DistillBundle, config: DistillConfig, dataset: Dataset) 
         raise AdcError("distill: the student has no trainable parameters")
     bundle.teacher.eval().requires_grad_(False)
     use_adv = bundle.discriminator is not None and config.adv_weight > 0
-    opt_g = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr_g,
-                             betas=config.betas_g)
+    opt_g = _adam(config.optimizer)([p for p in student.parameters() if p.requires_grad], lr=config.lr_g,
+                                    betas=config.betas_g)
     trainable = {"student": student}
     optimizers: dict[str, torch.optim.Optimizer] = {"student": opt_g}
     schedulers = {"student": torch.optim.lr_scheduler.MultiStepLR(opt_g, list(config.lr_milestones), config.lr_gamma)}
@@ -233,7 +242,7 @@ def build_setup(bundle: DistillBundle, config: DistillConfig, dataset: Dataset) 
         if not d_params:
             raise AdcError("distill: the discriminator has no trainable parameters")
         trainable["discriminator"] = disc
-        optimizers["discriminator"] = torch.optim.Adam(d_params, lr=config.lr_d, betas=config.betas_d)
+        optimizers["discriminator"] = _adam(config.optimizer)(d_params, lr=config.lr_d, betas=config.betas_d)
         losses["discriminator"] = ["d_real", "d_fake"]
         frozen["real"] = bundle.real.eval().requires_grad_(False)
     weights = {p.name: p.weight for p in bundle.pairs} | {"adv_g": config.adv_weight}
@@ -282,6 +291,14 @@ def build_setup(bundle: DistillBundle, config: DistillConfig, dataset: Dataset) 
 
     return TrainSetup(name="distill", trainable=trainable, optimizers=optimizers, losses=losses, step_fn=step_fn,
                       dataset=dataset, schedulers=schedulers, frozen=frozen)
+
+
+def _adam(kind: str):
+    if kind == "adam8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Adam8bit
+    return torch.optim.Adam
 
 
 def call_disc(disc: nn.Module, x: torch.Tensor, inputs: Mapping[str, Any], repeat: int = 1) -> torch.Tensor:
@@ -360,15 +377,16 @@ class UNetDiscriminator(nn.Module):
 
 
 def make_unet_discriminator(unet: nn.Module, in_channels: int, rank: int = 4, timestep: int = 999,
-                            seed: int = 0, targets: Callable[[nn.Module], dict[str, list[str]]] | None = None
-                            ) -> UNetDiscriminator:
+                            seed: int = 0, targets: Callable[[nn.Module], dict[str, list[str]]] | None = None,
+                            copy_unet: bool = True) -> UNetDiscriminator:
     """Copy ``unet`` (a plain SD UNet), widen its ``conv_in`` to ``in_channels`` and add LoRA.
 
     The new ``conv_in`` weight is the old one repeated ``in_channels / old_in`` times along the
     input axis and divided by that factor (so a feature map of repeated latents gives the old
     response); the bias is kept. LoRA: rank ``rank``, gaussian init, one adapter per entry of
     ``targets(unet)`` (default: the three-adapter grep AdcSR uses, ``conv_in`` in the encoder
-    adapter). Trainable: LoRA + ``conv_in``, nothing else.
+    adapter). Trainable: LoRA + ``conv_in``, nothing else. ``copy_unet=False``: ``unet`` itself
+    becomes D (no second copy of a 3.5 GB UNet in memory; pass one nobody else uses).
     """
     from peft import LoraConfig
 
@@ -377,7 +395,7 @@ def make_unet_discriminator(unet: nn.Module, in_channels: int, rank: int = 4, ti
     if lora_layers(unet):
         raise AdcError("make_unet_discriminator: pass the plain SD UNet (this one carries LoRA layers; "
                        "AdcSR's D starts from the base model, not from the teacher)")
-    d = copy.deepcopy(unet)
+    d = copy.deepcopy(unet) if copy_unet else unet
     old = d.conv_in
     if in_channels % old.in_channels:
         raise AdcError(f"discriminator conv_in: {in_channels} feature channels are not a multiple of the "
@@ -496,9 +514,13 @@ def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config
         student.up.load_state_dict({k: v for k, v in decoder.state_dict().items()
                                     if k.split(".")[0] in ("up_blocks", "conv_norm_out", "conv_out")})
     student.requires_grad_(True)
+    dtype = next(student.parameters()).dtype  # fp32 normally (autocast does the rest); fp64 in exactness tests
+    frozen = {"fp32": dtype, "bf16": torch.bfloat16, "fp16": torch.float16}[config.frozen_dtype]
     feats = DecoderFeatures(copy.deepcopy(decoder)).eval().requires_grad_(False)
     teacher_module = TeacherFeatures(parts.teacher, parts.teacher_latent, parts.decode_input,
                                      feats).eval().requires_grad_(False)
+    if config.frozen_dtype != "fp32":
+        teacher_module.to(frozen)
     degradation = RealESRGANDegradation(config.degradation_config())
     use_adv = parts.disc_unet is not None and config.adv_weight > 0
     prompts = parts.prompts(config.prompt, config.prompt_text) if (use_adv or config.prompt == "dape") else None
@@ -506,19 +528,18 @@ def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config
     if use_adv:
         c = student.config.feature_channels
         disc = make_unet_discriminator(parts.disc_unet, c, config.lora_rank, parts.timestep,
-                                       seed=config.engine.seed + 2, targets=parts.disc_lora_targets)
-        real = RealFeatures(parts.real_latent, feats).eval().requires_grad_(False)
+                                       seed=config.engine.seed + 2, targets=parts.disc_lora_targets, copy_unet=False)
+        real = RealFeatures(parts.real_latent, feats).to(frozen).eval().requires_grad_(False)
     seed = config.engine.seed
-    dtype = next(student.parameters()).dtype  # fp32 normally (autocast does the rest); fp64 in exactness tests
 
     def make_inputs(batch: dict, device: torch.device) -> dict:
         hr01 = batch["data"].float()
         lr01 = degrade_items(degradation, hr01, batch, seed)
         lr, hr = (lr01 * 2 - 1).to(dtype), (hr01 * 2 - 1).to(dtype)
-        emb = prompts(lr) if prompts is not None else None
+        emb = prompts(lr.to(frozen)) if prompts is not None else None
+        teacher_emb = emb.to(frozen) if (emb is not None and config.prompt == "dape") else None  # else its own
         emb = emb.to(dtype) if emb is not None else None
-        teacher_emb = emb if config.prompt == "dape" else None  # the teacher keeps its own prompt otherwise
-        return {"student": lr, "teacher": {"lr": lr, "prompt_embeds": teacher_emb}, "real": hr,
+        return {"student": lr, "teacher": {"lr": lr.to(frozen), "prompt_embeds": teacher_emb}, "real": hr.to(frozen),
                 "disc": {"encoder_hidden_states": emb} if use_adv else {}, "lr01": lr01}
 
     def export(trained: nn.Module, run_dir: Path) -> dict[str, str]:

@@ -38,7 +38,6 @@ import contextlib
 import csv
 import math
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -77,6 +76,7 @@ class EngineConfig:
 
     max_steps: int | None = None
     batch_size: int | None = None
+    micro_batch_size: int | None = None  # per process and forward pass: sets the accumulation steps
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     cpu: bool = False
@@ -101,7 +101,7 @@ class EngineConfig:
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def validate(self, path: str) -> None:
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+        for name in ("max_steps", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "checkpoint_every",
                      "keep_checkpoints", "log_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -449,13 +449,6 @@ def plot_losses(csv_path: Path, png_path: Path, groups: dict[str, list[str]], ti
     return png_path
 
 
-def peak_memory(device: torch.device) -> tuple[float, str]:
-    """(MiB, what): CUDA max_memory_allocated on a GPU, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS (CPU)"
-
-
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -512,6 +505,19 @@ def process_state(config: EngineConfig):
     return PartialState(cpu=config.cpu or not torch.cuda.is_available())
 
 
+def with_micro_batch(config: EngineConfig) -> EngineConfig:
+    """The accumulation steps that give ``batch_size`` from ``micro_batch_size`` items per process and pass
+    (AdcSR's global batch 96 on fewer or smaller GPUs: same result, less memory per step)."""
+    if config.micro_batch_size is None:
+        return config
+    procs = process_state(config).num_processes
+    per_step = procs * config.micro_batch_size
+    if config.batch_size % per_step:
+        raise AdcError(f"engine.micro_batch_size: {config.micro_batch_size} x {procs} process(es) does not divide "
+                       f"batch_size {config.batch_size}")
+    return replace(config, gradient_accumulation_steps=config.batch_size // per_step)
+
+
 def make_accelerator(config: EngineConfig):
     """A fresh Accelerator. accelerate keeps process-wide singletons; they are reset here so
     that stages run one after another in one process can each choose their own precision."""
@@ -550,6 +556,7 @@ def train(setup: TrainSetup, config: EngineConfig, run_dir: str | os.PathLike, l
     unset = [k for k in ("max_steps", "batch_size", "checkpoint_every") if getattr(config, k) is None]
     if unset:
         raise AdcError(f"engine.{unset[0]}: not set (stages fill it with EngineConfig.with_defaults)")
+    config = with_micro_batch(config)
     acc = make_accelerator(config)
     try:
         with checkpoint_trainable_only(list(setup.trainable.values())):
@@ -651,6 +658,8 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
         last_ckpt[0] = final
         return final
 
+    from ..profile.memory import track_memory
+
     bar = tqdm(total=config.max_steps, initial=start_step, desc=setup.name, disable=not (main and config.progress),
                dynamic_ncols=True)
     prepared_models = list(models.values())
@@ -660,42 +669,45 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
     for m in prepared_models:
         m.train()
     try:
-        for step in range(start_step + 1, config.max_steps + 1):
-            ctx.step = step
-            for k in range(accum):
-                ctx.micro = k
-                batch = _to_device(next(batches), acc.device)
-                with acc.accumulate(*prepared_models):
-                    setup.step_fn(ctx, batch)
-            lrs = {f"lr_{o}": opt.param_groups[0]["lr"] for o, opt in optimizers.items()}  # used by this step
-            for s in schedulers.values():
-                s.step()
-            if step % config.log_every == 0 or step == config.max_steps:
-                means = ctx._take_means()  # each term averaged over the steps since the last row
-                keys = sorted(means)
-                vals = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=acc.device)
-                if procs > 1:
-                    vals = acc.reduce(vals, "mean")
-                means = dict(zip(keys, vals.tolist()))
-                now = time.perf_counter()
-                rate = (step - step_log) / max(now - t_log, 1e-9)
-                t_log, step_log = now, step
-                if main:
-                    row = {"step": step, **means, **lrs, "steps_per_s": rate}
-                    metrics.append(row)
-                    bar.set_postfix({k: f"{means[k]:.4g}" for k in keys[:6]}, refresh=False)
-            bar.update(1)
-            if step % config.checkpoint_every == 0 or step == config.max_steps:
-                save(step)
+        with track_memory(acc.device) as memory:
+            for step in range(start_step + 1, config.max_steps + 1):
+                ctx.step = step
+                for k in range(accum):
+                    ctx.micro = k
+                    batch = _to_device(next(batches), acc.device)
+                    with acc.accumulate(*prepared_models):
+                        setup.step_fn(ctx, batch)
+                lrs = {f"lr_{o}": opt.param_groups[0]["lr"] for o, opt in optimizers.items()}  # used by this step
+                for s in schedulers.values():
+                    s.step()
+                if step % config.log_every == 0 or step == config.max_steps:
+                    means = ctx._take_means()  # each term averaged over the steps since the last row
+                    keys = sorted(means)
+                    vals = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=acc.device)
+                    if procs > 1:
+                        vals = acc.reduce(vals, "mean")
+                    means = dict(zip(keys, vals.tolist()))
+                    now = time.perf_counter()
+                    rate = (step - step_log) / max(now - t_log, 1e-9)
+                    t_log, step_log = now, step
+                    if main:
+                        row = {"step": step, **means, **lrs, "steps_per_s": rate}
+                        metrics.append(row)
+                        bar.set_postfix({k: f"{means[k]:.4g}" for k in keys[:6]}, refresh=False)
+                bar.update(1)
+                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    save(step)
     finally:
         bar.close()
     elapsed = time.perf_counter() - t_start
     done = step - start_step
-    mem, mem_kind = peak_memory(acc.device)
+    mem, mem_kind = ((memory.cuda_max_allocated_mib, "cuda max_memory_allocated") if acc.device.type == "cuda"
+                     else (memory.peak_anon_mib, "peak anonymous memory of the training loop (RssAnon)"))
     summary = {
         "stage": setup.name, "steps": step, "steps_this_run": done,
         "steps_per_s": round(done / elapsed, 4) if elapsed > 0 and done else None,
         "seconds": round(elapsed, 2), "peak_memory_mib": round(mem, 1), "peak_memory_kind": mem_kind,
+        "memory": memory.to_dict(),
         "device": str(acc.device), "mixed_precision": acc.mixed_precision, "num_processes": procs,
         "global_batch": config.batch_size, "gradient_accumulation_steps": accum,
         "trainable_parameters": {n: sum(p.numel() for p in acc.unwrap_model(m).parameters() if p.requires_grad)
@@ -714,6 +726,6 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
 
 __all__ = ["checkpoint_trainable_only", "EngineConfig", "TrainSetup", "TrainResult", "StepContext", "NonFiniteLossError", "train",
            "item_seed", "upcast", "StreamSampler", "KeyedDataset", "frozen_parameters", "enable_gradient_checkpointing",
-           "list_checkpoints", "latest_checkpoint", "read_trainer_state", "plot_losses", "peak_memory",
+           "list_checkpoints", "latest_checkpoint", "read_trainer_state", "plot_losses",
            "make_accelerator", "process_state", "resolve_mixed_precision", "CHECKPOINT_DIR", "METRICS_FILE", "CURVE_FILE",
            "SUMMARY_FILE", "STATE_FILE"]

@@ -69,6 +69,7 @@ def run_evaluate(bundle, config: EvaluateConfig, stage_dir: Path) -> dict[str, A
         models["student"] = lambda lr01: (student(lr01 * 2 - 1).float() + 1) / 2
     hr_dir = stage_dir / "HR"
     results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
     tables = []
     for i in range(min(limit, len(pairs))):
         item = pairs[i]
@@ -87,7 +88,10 @@ def run_evaluate(bundle, config: EvaluateConfig, stage_dir: Path) -> dict[str, A
         summary = summarize(frame)
         frame.insert(0, "method", method)
         tables.append(frame)
-        results[method] = {row["metric"]: row["value"] for _, row in summary.iterrows()}
+        ok = summary["status"] == "ok"
+        results[method] = {row["metric"]: row["value"] for _, row in summary[ok].iterrows()}
+        for _, row in summary[~ok].iterrows():  # never a nan column: what was not computed, and why
+            skipped.setdefault(row["metric"], row["status"])
     import pandas as pd
 
     from ..io import atomic_path
@@ -95,5 +99,7 @@ def run_evaluate(bundle, config: EvaluateConfig, stage_dir: Path) -> dict[str, A
     per_image = pd.concat(tables, ignore_index=True)
     with atomic_path(stage_dir / "per_image.csv") as tmp:
         per_image.to_csv(tmp, index=False, float_format="%.6f")
-    return {"n_images": min(limit, len(pairs)), "means": results, "per_image": bundle.rel(stage_dir / "per_image.csv"),
+    for metric, why in skipped.items():
+        bundle.note(f"evaluate: {metric} not computed: {why}")
+    return {"n_images": min(limit, len(pairs)), "means": results, "skipped_metrics": skipped, "per_image": bundle.rel(stage_dir / "per_image.csv"),
             "device": str(device), "dtype": "fp32", "lr_size": list(item["lr"].shape[-2:])}

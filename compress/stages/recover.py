@@ -83,6 +83,13 @@ def _with_data(bundle, config):
 # --------------------------------------------------------------------------------------------
 def run_pretrain_decoder_needs(bundle, config: PretrainDecoderConfig) -> list[str]:
     needs = bundle.family.real_vae_needs(bundle.weights) if bundle.size == "full" else []
+    if config.lpips_weight > 0:  # asked for: never silently trained without it
+        from ..recover.decoder_pretrain import lpips_missing
+
+        why = lpips_missing(config.lpips_net)
+        if why is not None:
+            needs.append(f"stages.pretrain_decoder.lpips_weight {config.lpips_weight} needs LPIPS: {why} "
+                         "(install lpips with its backbone weights, or set lpips_weight: 0)")
     return needs + _student_needs(bundle) + _data_needs(bundle)
 
 
