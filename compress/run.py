@@ -35,7 +35,10 @@ import yaml
 from .bundle import Bundle
 from .errors import AdcError
 from .io import atomic_write_json, atomic_write_text
+from .log import get_logger, log_to_file, setup_logging
 from .profile.memory import track_memory
+
+logger = get_logger(__name__)
 from .recipe import Recipe, load_recipe
 from .stages import STAGES
 
@@ -107,12 +110,21 @@ class _Processes:
 
 
 def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: list[str] | None = None,
-               log=print) -> dict[str, Any]:
-    """Run the recipe's stages; return {"done": [...], "skipped": {stage: [needs]}, "bundle": Bundle}."""
+               log=None) -> dict[str, Any]:
+    """Run the recipe's stages; return {"done": [...], "skipped": {stage: [needs]}, "bundle": Bundle}.
+
+    Progress goes to the ``adc`` loggers (and the run directory's ``run.log``); ``log`` replaces
+    the line-per-stage messages (e.g. ``lambda m: None``).
+    """
     procs = _Processes(recipe)
+    log = log or logger.info
     if not procs.is_main:
-        log = _quiet  # noqa: F841 - one process reports
+        log = _quiet  # one process reports
     procs.once(_prepare_run_dir, recipe, run_dir, resume)
+    if procs.is_main:
+        log_to_file(run_dir / "run.log")
+        logger.info(f"run directory {run_dir}, recipe {recipe.source or recipe.name}"
+                    + (f", overrides {' '.join(recipe.overrides)}" if recipe.overrides else ""))
     if only:
         unknown = [s for s in only if recipe.stage(s) is None]
         if unknown:
@@ -159,6 +171,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: lis
         log(f"[{stage.name}] done in {time.perf_counter() - start:.1f} s")
         done.append(stage.name)
     procs.wait()
+    if procs.is_main:
+        log_to_file(None)
     return {"done": done, "skipped": bundle.skipped, "bundle": bundle}
 
 
@@ -212,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a recipe value, e.g. --set stages.prune.unet.slice.ratio_keep=0.5; "
                              "paths are relative to the working directory")
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         run_dir = args.out or Path("runs") / recipe.name

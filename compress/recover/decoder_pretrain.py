@@ -30,6 +30,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ..config import from_dict, to_dict
 from ..errors import AdcError
+from ..log import get_logger
 from ..io import atomic_torch_save, atomic_write_json, save_safetensors
 from .engine import EngineConfig, StepContext, TrainSetup, frozen_parameters, process_state, train, upcast
 
@@ -290,7 +291,7 @@ def build_setup(models: DecoderModels, config: PretrainDecoderConfig, dataset: D
 
 
 def run_stage(models: DecoderModels, config: PretrainDecoderConfig, run_dir: str | Path,
-              dataset: Dataset | None = None, log=print, write_decoder: bool = True) -> dict[str, Any]:
+              dataset: Dataset | None = None, log=None, write_decoder: bool = True) -> dict[str, Any]:
     """Train the decoder; write ``decoder.safetensors`` and ``halfDecoder.ckpt`` in ``run_dir``.
 
     ``dataset`` overrides ``config.train_hr`` (items: 3xHxW in [0, 1]). Returns the artifact
@@ -299,6 +300,7 @@ def run_stage(models: DecoderModels, config: PretrainDecoderConfig, run_dir: str
     returned (``artifacts["model"]``; the runner saves the student once).
     """
     run_dir = Path(run_dir)
+    log = log or get_logger(__name__).info
     config.validate("pretrain_decoder")
     if not hasattr(models.decoder, "mid_block") or not hasattr(models.decoder, "conv_in"):
         raise AdcError("pretrain_decoder: models.decoder must be a diffusers Decoder (conv_in, mid_block, up_blocks, ...)")

@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 
 from ..config import from_dict, to_dict
 from ..errors import AdcError
+from ..log import get_logger
 from ..io import atomic_torch_save, atomic_write_json, save_safetensors
 from .decoder_pretrain import generator_adv_loss, hr_crops
 from .engine import EngineConfig, StepContext, TrainSetup, frozen_parameters, process_state, item_seed, train, upcast
@@ -310,7 +311,7 @@ def call_disc(disc: nn.Module, x: torch.Tensor, inputs: Mapping[str, Any], repea
 
 
 def run_stage(bundle: DistillBundle, config: DistillConfig, run_dir: str | Path, dataset: Dataset | None = None,
-              log=print, write_student: bool = True) -> dict[str, Any]:
+              log=None, write_student: bool = True) -> dict[str, Any]:
     """Distil; write the student (``student.safetensors`` + the bundle's own exports) in ``run_dir``.
 
     ``dataset`` overrides ``config.train_hr`` (items: HR 3xHxW in [0, 1]). Every process of an
@@ -318,6 +319,7 @@ def run_stage(bundle: DistillBundle, config: DistillConfig, run_dir: str | Path,
     the trained student is only returned (``artifacts["model"]``; the runner saves it once).
     """
     run_dir = Path(run_dir)
+    log = log or get_logger(__name__).info
     config.validate("distill")
     engine = config.engine.with_defaults(**DistillConfig.ENGINE_DEFAULTS)
     if dataset is None:

@@ -52,6 +52,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..config import check_range, from_dict
 from ..errors import AdcError
 from ..io import atomic_path, atomic_write_json
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -91,6 +94,7 @@ class EngineConfig:
     find_unused_parameters: bool = False
     seed: int = 0
     progress: bool = True
+    trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # accelerate's log_with (off)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, path: str = "engine") -> "EngineConfig":
@@ -108,6 +112,14 @@ class EngineConfig:
                 raise AdcError(f"{path}.{name}: expected a positive integer, got {value}")
         if self.num_workers < 0:
             raise AdcError(f"{path}.num_workers: expected >= 0, got {self.num_workers}")
+        for i, name in enumerate(self.trackers):
+            module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
+            if module is None:
+                raise AdcError(f"{path}.trackers[{i}]: {name!r} is not one of 'tensorboard', 'wandb'")
+            try:
+                __import__(module)
+            except ImportError:
+                raise AdcError(f"{path}.trackers[{i}]: {name} is not installed (pip install {module})") from None
         check_range(self.max_grad_norm, 0.0, math.inf, f"{path}.max_grad_norm")
 
 
@@ -518,7 +530,7 @@ def with_micro_batch(config: EngineConfig) -> EngineConfig:
     return replace(config, gradient_accumulation_steps=config.batch_size // per_step)
 
 
-def make_accelerator(config: EngineConfig):
+def make_accelerator(config: EngineConfig, project_dir: Path | None = None):
     """A fresh Accelerator. accelerate keeps process-wide singletons; they are reset here so
     that stages run one after another in one process can each choose their own precision."""
     from accelerate import Accelerator
@@ -529,7 +541,11 @@ def make_accelerator(config: EngineConfig):
     GradientState._reset_state()
     process_state(config)
     cuda = torch.cuda.is_available() and not config.cpu
+    if "wandb" in config.trackers:
+        os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless the user says so
     return Accelerator(cpu=config.cpu or not torch.cuda.is_available(),
+                       log_with=list(config.trackers) or None,
+                       project_dir=str(project_dir / "trackers") if project_dir and config.trackers else None,
                        mixed_precision=resolve_mixed_precision(config, cuda),
                        gradient_accumulation_steps=config.gradient_accumulation_steps,
                        step_scheduler_with_optimizer=False,
@@ -547,17 +563,19 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def train(setup: TrainSetup, config: EngineConfig, run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> TrainResult:
+def train(setup: TrainSetup, config: EngineConfig, run_dir: str | os.PathLike,
+          log: Callable[[str], None] | None = None) -> TrainResult:
     """Run ``setup`` for ``config.max_steps`` optimiser steps in ``run_dir`` (resuming if allowed)."""
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
+    log = log or logger.info
     config.validate("engine")
     unset = [k for k in ("max_steps", "batch_size", "checkpoint_every") if getattr(config, k) is None]
     if unset:
         raise AdcError(f"engine.{unset[0]}: not set (stages fill it with EngineConfig.with_defaults)")
     config = with_micro_batch(config)
-    acc = make_accelerator(config)
+    acc = make_accelerator(config, run_dir)
     try:
         with checkpoint_trainable_only(list(setup.trainable.values())):
             return _train(acc, setup, config, run_dir, log, tqdm)
@@ -624,6 +642,10 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
         # fresh run starts from the seed and a resumed run from the RNG state load_state restored.
         torch.manual_seed(config.seed)
 
+    trackers = bool(config.trackers)
+    if trackers:
+        acc.init_trackers(setup.name, config={"max_steps": config.max_steps, "batch_size": config.batch_size,
+                                              "seed": config.seed, "mixed_precision": acc.mixed_precision})
     columns = ["step"] + [t for ts in setup.losses.values() for t in ts] + [f"lr_{o}" for o in opt_names] + ["steps_per_s"]
     metrics = MetricsLog(run_dir / METRICS_FILE, columns, start_step) if main else None
 
@@ -660,8 +682,11 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
 
     from ..profile.memory import track_memory
 
-    bar = tqdm(total=config.max_steps, initial=start_step, desc=setup.name, disable=not (main and config.progress),
-               dynamic_ncols=True)
+    from ..log import is_terminal
+
+    on_terminal = is_terminal()
+    bar = tqdm(total=config.max_steps, initial=start_step, desc=setup.name,
+               disable=not (main and config.progress and on_terminal), dynamic_ncols=True)
     prepared_models = list(models.values())
     t_start = t_log = time.perf_counter()
     step_log = start_step
@@ -694,11 +719,18 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
                         row = {"step": step, **means, **lrs, "steps_per_s": rate}
                         metrics.append(row)
                         bar.set_postfix({k: f"{means[k]:.4g}" for k in keys[:6]}, refresh=False)
+                        if trackers:
+                            acc.log({**means, **lrs, "steps_per_s": rate}, step=step)
+                        if config.progress and not on_terminal:  # a log line, not a redrawn bar
+                            terms = ", ".join(f"{k} {means[k]:.4g}" for k in keys[:6])
+                            log(f"[{setup.name}] step {step}/{config.max_steps}: {terms} ({rate:.2f} steps/s)")
                 bar.update(1)
                 if step % config.checkpoint_every == 0 or step == config.max_steps:
                     save(step)
     finally:
         bar.close()
+        if trackers:
+            acc.end_training()
     elapsed = time.perf_counter() - t_start
     done = step - start_step
     mem, mem_kind = ((memory.cuda_max_allocated_mib, "cuda max_memory_allocated") if acc.device.type == "cuda"

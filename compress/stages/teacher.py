@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import AdcError
+from ..log import get_logger
 from ..io import save_safetensors
 from ..recover.engine import EngineConfig
 
@@ -45,7 +46,7 @@ def run_train_teacher_needs(bundle, config: TrainTeacherConfig) -> list[str]:
 
 
 def train_teacher(family, teacher, train_hr: list[Path], degradation, config: TrainTeacherConfig, run_dir: Path,
-                  seed: int = 0, log=print):
+                  seed: int = 0, log=None):
     """Train ``teacher`` (the family says which parameters) with L1 on degraded HR crops; return the engine result."""
     from ..data import RealESRGANDegradation
     from ..recover.decoder_pretrain import hr_crops
