@@ -37,7 +37,7 @@ from .errors import AdcError, short_repr
 
 __all__ = ["MAX_BYTES", "MAX_NODES", "RecipeLoader", "load_yaml", "parse_yaml_value", "FLOAT_RE"]
 
-MAX_BYTES = 1 << 20  # 1 MiB: the full AdcSR recipe is 3 kB
+MAX_BYTES = 256 * 1024  # the full AdcSR recipe is 3 kB; PyYAML reads ~100 kB/s
 MAX_NODES = 100_000  # after alias expansion; a recipe has a few hundred
 MAX_DEPTH = 64  # nesting levels; a recipe has 5
 
@@ -142,8 +142,9 @@ def _check_expansion(root: Node | None, limit: int) -> None:
             open_nodes.discard(key)
             sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
             if sizes[key] > limit:
-                raise ComposerError(None, None, f"the document expands to more than {limit} values through its "
-                                                f"aliases (*name); write the values out", node.start_mark)
+                why = ("expands to more than {} values through its aliases (*name); write the values out"
+                       if len(sizes) <= limit else "has more than {} values; is this a recipe?")
+                raise ComposerError(None, None, "the document " + why.format(limit), node.start_mark)
             continue
         if key in sizes:
             continue
@@ -154,7 +155,28 @@ def _check_expansion(root: Node | None, limit: int) -> None:
         stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
 
 
+def _check_flow_depth(text: str, where: str) -> None:
+    """Refuse more than ``MAX_DEPTH`` open ``[``/``{`` before PyYAML sees them.
+
+    Why: PyYAML's scanner keeps every bracket on a line as a possible key and rescans them all
+    per token, so ``[[[[...`` costs seconds before the composer's depth limit is reached. Brackets
+    inside quoted strings are counted too; a recipe never has dozens of them open.
+    """
+    import numpy as np
+
+    data = np.frombuffer(text.encode("utf-8", "surrogateescape"), dtype=np.uint8)
+    step = np.zeros(len(data), dtype=np.int32)
+    step[(data == ord("[")) | (data == ord("{"))] = 1
+    step[(data == ord("]")) | (data == ord("}"))] = -1
+    depth = np.cumsum(step)
+    if len(depth) and depth.max() > MAX_DEPTH:
+        at = int(np.argmax(depth > MAX_DEPTH))
+        line = int(np.count_nonzero(data[:at] == ord("\n"))) + 1
+        raise AdcError(f"{where}: line {line}: not valid YAML (nested more than {MAX_DEPTH} levels deep)")
+
+
 def _parse(text: str, where: str, max_nodes: int) -> Any:
+    _check_flow_depth(text, where)
     loader = None
     try:
         loader = RecipeLoader(text)
