@@ -195,12 +195,10 @@ def test_band_stitcher_concatenates_to_the_whole_stitcher():
     torch.manual_seed(0)
     outs = {box: torch.rand(3, 48 * 4, 48 * 4) for box in grid.boxes}
     whole = Stitcher(grid, 4, 3, "cpu")
-    band = BandStitcher(grid, 4, 3, "cpu", crop=(430, 370))  # crop away part of the padding
-    bands = []
     for (y, x), o in outs.items():
         whole.add(y, x, o)
-        bands += band.add(y, x, o)
-    bands += band.finish()
+    band = BandStitcher(grid, 4, 3, "cpu", crop=(430, 370))  # crop away part of the padding
+    bands = [b.clone() for b in band.stream((y, x, o) for (y, x), o in outs.items())]  # views: copy to keep
     assert len(bands) == len(grid.ys)
     assert torch.equal(torch.cat(bands, dim=1), whole.result()[:, :430, :370])  # bit for bit
     assert band.acc.shape == (3, 48 * 4, 96 * 4)  # one tile row, not the image

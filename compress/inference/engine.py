@@ -13,6 +13,7 @@ to a PNG as they finish, so its memory is bounded by the tile row, not the image
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import tempfile
@@ -96,37 +97,43 @@ class _RunState:
         self.scale: int | None = None
 
 
-def _sr_bands(model: nn.Module, lr: torch.Tensor, grid: TileGrid, batch: int, state: _RunState,
+def _sr_bands(model: nn.Module, lr01: torch.Tensor, grid: TileGrid, batch: int, state: _RunState,
               device: torch.device, log: Log, where: str, progress: bool,
               crop: tuple[int, int]) -> Iterator[torch.Tensor]:
-    """Run every tile of ``grid`` over the padded LR (1,3,H,W); yield finished SR rows top to bottom.
+    """Run every tile of ``grid`` over the padded LR (1,3,H,W) in [0, 1]; yield finished SR rows top to bottom.
 
-    Each band is (3, rows, s*w) fp32 in the model's [-1, 1] scale, cropped to ``crop`` (LR h, w)
-    times the scale, before any colour fix or clamp.
+    Each band is a (3, rows, s*w) fp32 view in the model's [-1, 1] scale, cropped to ``crop``
+    (LR h, w) times the scale, before any colour fix or clamp; valid until the next one is asked
+    for (see :meth:`BandStitcher.stream`). Tiles are mapped to [-1, 1] one batch at a time, so no
+    second LR-sized copy is made (the same float32 ``x * 2 - 1`` per pixel as mapping it whole).
     """
     from tqdm import tqdm
 
     boxes, dtype = grid.boxes, _param_dtype(model)
-    stitcher: BandStitcher | None = None
     # disable=None: shown only on a terminal, so logs and pipes get no bar lines.
     bar = tqdm(total=len(boxes), desc="tiles", unit="tile", leave=False,
                disable=None if progress and len(boxes) > 1 else True)
-    try:
+
+    def batches() -> Iterator[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]]:
         for i in range(0, len(boxes), batch):
             chunk = boxes[i:i + batch]
-            tiles = torch.cat([lr[:, :, y:y + grid.tile_h, x:x + grid.tile_w] for y, x in chunk])
+            tiles = torch.cat([lr01[:, :, y:y + grid.tile_h, x:x + grid.tile_w] for y, x in chunk]) * 2 - 1
             out, state.prec = _forward_finite(model, tiles.to(device, dtype), state.prec, device, log, where)
-            if stitcher is None:
-                state.scale = _scale_of(model, tiles, out)
-                stitcher = BandStitcher(grid, state.scale, out.shape[1], lr.device,
-                                        crop=(crop[0] * state.scale, crop[1] * state.scale))
-            del tiles
-            for (y, x), o in zip(chunk, out):
-                yield from stitcher.add(y, x, o)
-            del out
+            yield chunk, tiles, out
             bar.update(len(chunk))
-        assert stitcher is not None
-        yield from stitcher.finish()
+
+    def tiles_of(run: Iterator[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]]
+                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        for chunk, _, out in run:
+            yield from ((y, x, o) for (y, x), o in zip(chunk, out))
+
+    try:
+        run = batches()
+        first = next(run)
+        state.scale = _scale_of(model, first[1], first[2])
+        stitcher = BandStitcher(grid, state.scale, first[2].shape[1], lr01.device,
+                                crop=(crop[0] * state.scale, crop[1] * state.scale))
+        yield from stitcher.stream(tiles_of(itertools.chain([first], run)))
     finally:
         bar.close()
 
@@ -155,16 +162,18 @@ class _Job:
         self.tile, self.overlap, self.multiple, self.name = tile, overlap, multiple, name
         self.state = _RunState(prec)
 
-    def bands(self, lr1: torch.Tensor, where: str) -> tuple[Iterator[torch.Tensor], torch.Tensor]:
-        """(SR row bands of one (1,3,h,w) LR, the LR in [-1, 1] as the colour reference)."""
-        x = lr1.float() * 2 - 1
-        padded, (h, w) = reflect_pad_to_multiple(x, self.multiple)
+    def bands(self, lr1: torch.Tensor, where: str) -> tuple[Iterator[torch.Tensor], ChannelStats | None]:
+        """(SR row bands of one (1,3,h,w) LR in [0, 1], the colour statistics of the LR in [-1, 1] if
+        the colour fix is on)."""
+        ref = None
+        if self.fix:
+            ref = ChannelStats(lr1.shape[1])
+            for r in range(0, lr1.shape[2], 256):
+                ref.update(lr1[0, :, r:r + 256].float() * 2 - 1)
+        padded, (h, w) = reflect_pad_to_multiple(lr1.float(), self.multiple)
         grid = TileGrid.build(padded.shape[-2], padded.shape[-1], self.tile, self.overlap, self.multiple)
         return _sr_bands(self.model, padded, grid, self.batch, self.state, self.device, self.log, where,
-                         self.progress, (h, w)), x
-
-    def color_map(self, sr: ChannelStats, x: torch.Tensor, where: str) -> ColorMap:
-        return ColorMap.between(sr, ChannelStats(x.shape[1]).update(x[0]), where)
+                         self.progress, (h, w)), ref
 
 
 def _check_lr(lr: object, batch: object, ndims: tuple[int, ...] = (3, 4)) -> None:
@@ -200,22 +209,21 @@ def upscale(model: nn.Module, lr: torch.Tensor, tile: int | None = None, overlap
     with torch.no_grad(), color_fix_off(model):  # not inference_mode: callers may edit the result in place
         for b in range(lr.shape[0]):
             where = name if lr.shape[0] == 1 else f"{name}[{b}]"
-            bands, x = job.bands(lr[b:b + 1], where)
+            bands, ref = job.bands(lr[b:b + 1], where)
             sr: torch.Tensor | None = None
             stats = ChannelStats(3)
             top = 0
             for band in bands:
                 if sr is None:
                     s = job.state.scale
-                    sr = torch.empty(1, band.shape[0], x.shape[-2] * s, x.shape[-1] * s, device=lr.device)
+                    sr = torch.empty(1, band.shape[0], lr.shape[-2] * s, lr.shape[-1] * s, device=lr.device)
                 sr[0, :, top:top + band.shape[1]] = band
                 top += band.shape[1]
-                if job.fix:
+                if ref is not None:
                     stats.update(band)
-                del band
             assert sr is not None and top == sr.shape[-2]
-            if job.fix:
-                job.color_map(stats, x, where).apply_(sr[0])
+            if ref is not None:
+                ColorMap.between(stats, ref, where).apply_(sr[0])
             sr.add_(1).mul_(0.5)
             if clamp:
                 sr.clamp_(0, 1)
@@ -227,6 +235,9 @@ def upscale(model: nn.Module, lr: torch.Tensor, tile: int | None = None, overlap
 def to_uint8_rows(band01: torch.Tensor) -> "np.ndarray":
     """(3, rows, W) in [0, 1] -> (rows, W, 3) uint8, rounding as the PNG of :func:`upscale` always did; in place."""
     return band01.mul_(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+_CHUNK_VALUES = 1 << 22
 
 
 class _Spill:
@@ -241,11 +252,15 @@ class _Spill:
         self.fh = tempfile.TemporaryFile(dir=folder, prefix=".adc-sr-spill-") if self.on_disk else None
 
     def append(self, band: torch.Tensor) -> None:
+        """Keep a copy of ``band`` (C, rows, W), which may be a view its owner will reuse."""
         self.shapes.append(tuple(band.shape))
         if self.fh is None:
-            self.ram.append(band)
-        else:
-            self.fh.write(memoryview(band.contiguous().cpu().numpy()).cast("B"))
+            self.ram.append(band.clone())
+            return
+        step = max(1, _CHUNK_VALUES // max(1, band.shape[2]))
+        for c in range(band.shape[0]):  # channel-major, as a contiguous (C, rows, W) band; small copies
+            for r in range(0, band.shape[1], step):
+                self.fh.write(memoryview(band[c, r:r + step].contiguous().cpu().numpy()).cast("B"))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.fh is None:
@@ -288,39 +303,35 @@ def upscale_to_png(model: nn.Module, lr: torch.Tensor, path: str | os.PathLike, 
     path = Path(path)
     job = _Job(model, lr, tile, overlap, dtype, device, batch, color_fix, log, name, progress)
     with torch.no_grad(), color_fix_off(model), atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        bands, x = job.bands(lr[None], name)
+        bands, ref = job.bands(lr[None], name)
+        h, w = lr.shape[-2:]
         writer: PngWriter | None = None
         spill: _Spill | None = None
 
-        def start(first: torch.Tensor) -> PngWriter:
-            s = job.state.scale
-            return PngWriter(fh, x.shape[-1] * s, x.shape[-2] * s, channels=first.shape[0])
-
-        def write(band: torch.Tensor, cmap: ColorMap | None) -> None:
+        def write(band: torch.Tensor, cmap: ColorMap | None) -> PngWriter:
+            out = writer or PngWriter(fh, w * job.state.scale, h * job.state.scale, channels=band.shape[0])
             if cmap is not None:
                 cmap.apply_(band)
-            writer.write(to_uint8_rows(band.add_(1).mul_(0.5).clamp_(0, 1)))
+            out.write(to_uint8_rows(band.add_(1).mul_(0.5).clamp_(0, 1)))
+            return out
 
         try:
-            if not job.fix:
+            if ref is None:
                 for band in bands:
-                    writer = writer or start(band)
-                    write(band, None)
+                    writer = write(band, None)
             else:
                 stats = ChannelStats(3)
                 for band in bands:
                     if spill is None:
-                        s = job.state.scale
-                        total = 4 * band.shape[0] * x.shape[-2] * s * x.shape[-1] * s
+                        total = 4 * band.shape[0] * h * job.state.scale * w * job.state.scale
                         spill = _Spill(total, ram_bytes, path.parent)
                     stats.update(band)
                     spill.append(band)
-                    del band
-                cmap = job.color_map(stats, x, name)
+                del bands, band  # the stitcher's accumulator and the padded LR go with the finished generator
+                cmap = ColorMap.between(stats, ref, name)
                 assert spill is not None
                 for band in spill:
-                    writer = writer or start(band)
-                    write(band, cmap)
+                    writer = write(band, cmap)
             assert writer is not None
             writer.close()
         except OSError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 
@@ -154,9 +155,9 @@ class BandStitcher(_Windows):
 
     Why: the whole output of a 4000x3000 LR is 2.3 GB in fp32. Tiles arrive row by row, and once
     the first tile of grid row ``y`` arrives, every output row above ``y * scale`` has all its
-    contributions: :meth:`add` returns those rows (normalised, cropped to ``crop``) and the
-    accumulator keeps only the rows still shared with the next tile row. Memory is one tile row,
-    ``C x tile_h*s x W*s``, whatever the image height; the arithmetic per pixel is
+    contributions: :meth:`stream` yields those rows (normalised, cropped to ``crop``) and the
+    accumulator then keeps only the rows still shared with the next tile row. Memory is one tile
+    row, ``C x tile_h*s x W*s``, whatever the image height; the arithmetic per pixel is
     :class:`Stitcher`'s, so the bands concatenate to exactly its result.
     """
 
@@ -168,24 +169,27 @@ class BandStitcher(_Windows):
         self.acc = torch.zeros(channels, self.rows, grid.width * scale, dtype=torch.float32, device=device)
         self.top = 0  # output row held in acc[:, 0]
 
-    def add(self, y: int, x: int, out: torch.Tensor) -> list[torch.Tensor]:
-        """Add one tile's output; returns the output rows this finished (zero or one band)."""
-        done = self._emit(y * self.scale) if y * self.scale > self.top else []
-        self._add(self.acc, self.top, y, x, out)
-        return done
+    def stream(self, tiles: Iterable[tuple[int, int, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """Add ``(y, x, output)`` tiles in row-major order; yield finished (C, rows, out_w) bands.
 
-    def finish(self) -> list[torch.Tensor]:
-        """The rows still held, once every tile was added."""
-        return self._emit(self.grid.height * self.scale)
+        A band is a *view* into the accumulator, valid until the next band is asked for (the
+        consumer may change it in place; keep a copy to keep it). No copy of it is made here.
+        """
+        s = self.scale
+        for y, x, out in tiles:
+            if y * s > self.top:
+                yield from self._finished(y * s)
+            self._add(self.acc, self.top, y, x, out)
+        yield from self._finished(self.grid.height * s)
 
-    def _emit(self, upto: int) -> list[torch.Tensor]:
+    def _finished(self, upto: int) -> Iterator[torch.Tensor]:
         n = upto - self.top
         rows = self._normalise_(self.acc[:, :n], self.top)
         keep = max(0, min(upto, self.out_h) - self.top)
-        band = rows[:, :keep, :self.out_w].clone()
+        if keep:
+            yield rows[:, :keep, :self.out_w]
         held = self.rows - n
         if held > 0:
             self.acc[:, :held] = self.acc[:, n:].clone()
         self.acc[:, max(held, 0):].zero_()
         self.top = upto
-        return [band] if keep else []
