@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -81,11 +82,20 @@ def write_fault(exc: BaseException, path: str | os.PathLike) -> WriteError | Non
     return WriteError(f"{path}: cannot write ({os.strerror(code)}): {_WRITE_FAULTS[code]}; nothing was written there")
 
 
-def new_file_mode() -> int:
-    """The mode ``open()`` gives a new file (0o666 less the umask, 0o644 usually); mkstemp gives 0o600."""
+def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask, 0o644 usually); mkstemp gives 0o600."""
+    return 0o666 & ~_umask()
+
+
+def _dir_mode() -> int:
+    """The mode ``mkdir`` gives a new folder (0o755 usually); mkdtemp gives 0o700."""
+    return 0o777 & ~_umask()
 
 
 def fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
@@ -150,6 +160,76 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path``; on success it replaces ``path`` as a whole.
+
+    Its files and the folder are fsynced, then it takes ``path``'s place: an existing ``path`` is
+    swapped with it in one ``renameat2(RENAME_EXCHANGE)`` (Linux), so a crash leaves the old or
+    the new folder, never neither; where that call is missing, the old folder is first renamed
+    to a hidden ``.NAME.old.<pid>`` (a crash between the two renames leaves both hidden folders
+    and no ``path``). On any error or interrupt the temp folder is removed; write faults become
+    one :class:`WriteError` line naming ``path``.
+    """
+    path = Path(path)
+    make_dirs(path.parent)
+    if path.exists() and not path.is_dir():
+        raise AdcError(f"{path}: exists and is not a folder")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise write_fault(exc, path) or exc from None
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, new_file_mode())
+                fsync_path(f)
+        os.chmod(tmp, _dir_mode())
+        fsync_path(tmp, directory=True)
+        if path.exists() and _exchange(tmp, path):
+            fsync_path(path.parent, directory=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
+        else:
+            old = path.with_name(f".{path.name}.old.{os.getpid()}") if path.exists() else None
+            if old is not None:
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if old is not None:
+                    os.replace(old, path)
+                raise
+            fsync_path(path.parent, directory=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    except Exception as exc:
+        fault = write_fault(exc, path)
+        if fault is None:
+            raise
+        raise fault from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

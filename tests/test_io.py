@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.io import (WriteError, atomic_path, atomic_torch_save, atomic_write_text, load_safetensors,
+from compress.io import (WriteError, atomic_dir, atomic_path, atomic_torch_save, atomic_write_text, load_safetensors,
                          make_dirs, safe_torch_load, save_safetensors)
 
 
@@ -148,3 +148,21 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_old_file(tmp_path):
         assert sorted(p.name for p in mnt.iterdir()) == ["w.safetensors"]
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path, umask_022):
+    target = tmp_path / "student"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(WriteError, match="No space left"):
+        with atomic_dir(target) as tmp:
+            (tmp / "model.safetensors").write_text("half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"] and (target / "old.txt").read_text() == "old"
+    with atomic_dir(target) as tmp:
+        atomic_write_text(tmp / "record.json", "{}")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_bytes(b"w")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temp or .old folder left
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == ["record.json", "sub", "sub/w.bin"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o755)  # mkdtemp's 0700 is not kept
