@@ -36,9 +36,8 @@ import torch
 from torch import nn
 
 from .errors import AdcError
-from .inference import (PngWriter, Precision, model_device, model_pad_multiple, resolve_precision, to_uint8_rows,
-                        upscale, upscale_to_png)
-from .io import WriteError, atomic_path, make_dirs, write_fault
+from .inference import Precision, model_device, model_pad_multiple, resolve_precision, upscale, upscale_to_png
+from .io import WriteError, make_dirs, write_fault
 
 __all__ = ["load_sr_model", "upscale", "upscale_to_png", "plan_outputs", "prepare_output_folder", "main"]
 
@@ -206,15 +205,6 @@ def prepare_output_folder(out_dir: Path) -> bool:
         fault = write_fault(exc, out_dir)
         raise AdcError(f"--output {fault or f'{out_dir}: cannot write ({exc.strerror or exc})'}") from None
     return created
-
-
-def save_png(sr01: torch.Tensor, path: Path) -> None:
-    """(3,H,W) in [0,1] -> 8-bit RGB PNG, written atomically (temp file + rename). Scales ``sr01`` in place."""
-    rows = to_uint8_rows(sr01)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        writer = PngWriter(fh, rows.shape[1], rows.shape[0], rows.shape[2])
-        writer.write(rows)
-        writer.close()
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -8,7 +8,6 @@ a streamed PNG has exactly the pixels of :func:`upscale` with memory bounded by 
 from __future__ import annotations
 
 import errno
-import os
 import warnings
 from pathlib import Path
 
