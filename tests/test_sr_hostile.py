@@ -189,6 +189,15 @@ def test_channel_stats_merge_bands_exactly():
 # ----------------------------------------------------------------------------- streaming (finding 6)
 
 
+def test_reflect_index_is_the_padding_without_the_copy():
+    from compress.inference import reflect_index, reflect_pad_to_multiple
+
+    for h, w in ((37, 53), (5, 1), (1, 1), (16, 32), (2, 17)):
+        x = torch.rand(1, 3, h, w)
+        padded, _ = reflect_pad_to_multiple(x, 16)
+        assert torch.equal(x.index_select(2, reflect_index(h, 16)).index_select(3, reflect_index(w, 16)), padded)
+
+
 def test_band_stitcher_concatenates_to_the_whole_stitcher():
     grid = TileGrid.build(112, 96, 48, 16, 16)  # 3 tile rows x 3 columns, overlapping
     torch.manual_seed(0)

@@ -7,13 +7,13 @@ tile. The CLI is ``python -m compress.sr``.
 
 from .color import ChannelStats, ColorMap, match_color_
 from .engine import color_fix_off, model_device, to_uint8_rows, upscale, upscale_to_png
-from .padding import model_pad_multiple, reflect_pad_to_multiple
+from .padding import model_pad_multiple, reflect_index, reflect_pad_to_multiple
 from .png import PngWriter
 from .precision import Precision, parse_dtype, resolve_precision
 from .tiling import BandStitcher, Stitcher, TileGrid, axis_starts, axis_window
 
 __all__ = [
     "upscale", "upscale_to_png", "to_uint8_rows", "color_fix_off", "model_device", "match_color_", "ChannelStats",
-    "ColorMap", "model_pad_multiple", "reflect_pad_to_multiple", "PngWriter", "Precision", "parse_dtype",
+    "ColorMap", "model_pad_multiple", "reflect_index", "reflect_pad_to_multiple", "PngWriter", "Precision", "parse_dtype",
     "resolve_precision", "BandStitcher", "Stitcher", "TileGrid", "axis_starts", "axis_window",
 ]

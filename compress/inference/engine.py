@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import AdcError
 from .color import ChannelStats, ColorMap
-from .padding import model_pad_multiple, reflect_pad_to_multiple
+from .padding import model_pad_multiple, reflect_index
 from .precision import Precision, resolve_precision
 from .tiling import BandStitcher, TileGrid
 
@@ -97,27 +97,32 @@ class _RunState:
         self.scale: int | None = None
 
 
-def _sr_bands(model: nn.Module, lr01: torch.Tensor, grid: TileGrid, batch: int, state: _RunState,
-              device: torch.device, log: Log, where: str, progress: bool,
-              crop: tuple[int, int]) -> Iterator[torch.Tensor]:
-    """Run every tile of ``grid`` over the padded LR (1,3,H,W) in [0, 1]; yield finished SR rows top to bottom.
+def _sr_bands(model: nn.Module, lr01: torch.Tensor, grid: TileGrid, multiple: int, batch: int, state: _RunState,
+              device: torch.device, log: Log, where: str, progress: bool) -> Iterator[torch.Tensor]:
+    """Run every tile of ``grid`` over the LR (1,3,h,w) in [0, 1], reflection-padded to ``multiple``;
+    yield finished SR rows top to bottom.
 
-    Each band is a (3, rows, s*w) fp32 view in the model's [-1, 1] scale, cropped to ``crop``
-    (LR h, w) times the scale, before any colour fix or clamp; valid until the next one is asked
-    for (see :meth:`BandStitcher.stream`). Tiles are mapped to [-1, 1] one batch at a time, so no
-    second LR-sized copy is made (the same float32 ``x * 2 - 1`` per pixel as mapping it whole).
+    Each band is a (3, rows, s*w) fp32 view in the model's [-1, 1] scale, cropped to the LR's
+    size times the scale, before any colour fix or clamp; valid until the next one is asked for
+    (see :meth:`BandStitcher.stream`). Tiles are cut from the unpadded LR through the padding's
+    index map and mapped to [-1, 1] one batch at a time, so no LR-sized copy is made (the values
+    are exactly those of padding the whole LR and mapping it).
     """
     from tqdm import tqdm
 
     boxes, dtype = grid.boxes, _param_dtype(model)
+    rows, cols = reflect_index(lr01.shape[-2], multiple), reflect_index(lr01.shape[-1], multiple)
     # disable=None: shown only on a terminal, so logs and pipes get no bar lines.
     bar = tqdm(total=len(boxes), desc="tiles", unit="tile", leave=False,
                disable=None if progress and len(boxes) > 1 else True)
 
+    def cut(y: int, x: int) -> torch.Tensor:  # a tile of the reflection-padded LR, without padding it whole
+        return lr01.index_select(2, rows[y:y + grid.tile_h]).index_select(3, cols[x:x + grid.tile_w])
+
     def batches() -> Iterator[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]]:
         for i in range(0, len(boxes), batch):
             chunk = boxes[i:i + batch]
-            tiles = torch.cat([lr01[:, :, y:y + grid.tile_h, x:x + grid.tile_w] for y, x in chunk]) * 2 - 1
+            tiles = torch.cat([cut(y, x) for y, x in chunk]) * 2 - 1
             out, state.prec = _forward_finite(model, tiles.to(device, dtype), state.prec, device, log, where)
             yield chunk, tiles, out
             bar.update(len(chunk))
@@ -132,7 +137,7 @@ def _sr_bands(model: nn.Module, lr01: torch.Tensor, grid: TileGrid, batch: int, 
         first = next(run)
         state.scale = _scale_of(model, first[1], first[2])
         stitcher = BandStitcher(grid, state.scale, first[2].shape[1], lr01.device,
-                                crop=(crop[0] * state.scale, crop[1] * state.scale))
+                                crop=(lr01.shape[-2] * state.scale, lr01.shape[-1] * state.scale))
         yield from stitcher.stream(tiles_of(itertools.chain([first], run)))
     finally:
         bar.close()
@@ -170,10 +175,11 @@ class _Job:
             ref = ChannelStats(lr1.shape[1])
             for r in range(0, lr1.shape[2], 256):
                 ref.update(lr1[0, :, r:r + 256].float() * 2 - 1)
-        padded, (h, w) = reflect_pad_to_multiple(lr1.float(), self.multiple)
-        grid = TileGrid.build(padded.shape[-2], padded.shape[-1], self.tile, self.overlap, self.multiple)
-        return _sr_bands(self.model, padded, grid, self.batch, self.state, self.device, self.log, where,
-                         self.progress, (h, w)), ref
+        h, w = lr1.shape[-2:]
+        m = self.multiple
+        grid = TileGrid.build(h + (-h) % m, w + (-w) % m, self.tile, self.overlap, m)
+        return _sr_bands(self.model, lr1.float(), grid, m, self.batch, self.state, self.device, self.log, where,
+                         self.progress), ref
 
 
 def _check_lr(lr: object, batch: object, ndims: tuple[int, ...] = (3, 4)) -> None:
@@ -327,7 +333,7 @@ def upscale_to_png(model: nn.Module, lr: torch.Tensor, path: str | os.PathLike, 
                         spill = _Spill(total, ram_bytes, path.parent)
                     stats.update(band)
                     spill.append(band)
-                del bands, band  # the stitcher's accumulator and the padded LR go with the finished generator
+                del bands, band  # the stitcher's accumulator goes with the finished generator
                 cmap = ColorMap.between(stats, ref, name)
                 assert spill is not None
                 for band in spill:
