@@ -82,6 +82,18 @@ def write_fault(exc: BaseException, path: str | os.PathLike) -> WriteError | Non
     return WriteError(f"{path}: cannot write ({os.strerror(code)}): {_WRITE_FAULTS[code]}; nothing was written there")
 
 
+@contextlib.contextmanager
+def naming_write_faults(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a write fault from the block (:func:`write_fault`) as one :class:`WriteError` line naming ``path``."""
+    try:
+        yield
+    except Exception as exc:
+        fault = write_fault(exc, path)
+        if fault is None:
+            raise
+        raise fault from None
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -140,23 +152,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     make_dirs(path.parent)
-    try:
+    with naming_write_faults(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise write_fault(exc, path) or exc from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, new_file_mode())
-        fsync_path(tmp_path)
-        os.replace(tmp_path, path)
-        fsync_path(path.parent, directory=True)
-    except Exception as exc:
-        fault = write_fault(exc, path)
-        if fault is None:
-            raise
-        raise fault from None
+        with naming_write_faults(path):
+            yield tmp_path
+            os.chmod(tmp_path, new_file_mode())
+            fsync_path(tmp_path)
+            os.replace(tmp_path, path)
+            fsync_path(path.parent, directory=True)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -194,42 +200,41 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     make_dirs(path.parent)
     if path.exists() and not path.is_dir():
         raise AdcError(f"{path}: exists and is not a folder")
-    try:
+    with naming_write_faults(path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as exc:
-        raise write_fault(exc, path) or exc from None
     try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                os.chmod(f, new_file_mode())
-                fsync_path(f)
-        os.chmod(tmp, _dir_mode())
-        fsync_path(tmp, directory=True)
-        if path.exists() and _exchange(tmp, path):
-            fsync_path(path.parent, directory=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
-        else:
-            old = path.with_name(f".{path.name}.old.{os.getpid()}") if path.exists() else None
-            if old is not None:
-                os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                if old is not None:
-                    os.replace(old, path)
-                raise
-            fsync_path(path.parent, directory=True)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-    except Exception as exc:
-        fault = write_fault(exc, path)
-        if fault is None:
-            raise
-        raise fault from None
+        with naming_write_faults(path):
+            yield tmp
+            _swap_in(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """fsync ``tmp`` and its files, then put it at ``path`` (see :func:`atomic_dir`)."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            os.chmod(f, new_file_mode())
+            fsync_path(f)
+    os.chmod(tmp, _dir_mode())
+    fsync_path(tmp, directory=True)
+    if path.exists() and _exchange(tmp, path):
+        fsync_path(path.parent, directory=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
+    else:
+        old = path.with_name(f".{path.name}.old.{os.getpid()}") if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        fsync_path(path.parent, directory=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
