@@ -2,17 +2,25 @@
 
 Why not pydantic: stdlib dataclasses keep the dependency list short; this walker covers the
 types recipes use (nested dataclasses, Optional, Literal, list/tuple/dict, Path, numbers).
+
+Errors quote the user's value through :func:`short_repr` (bounded: a value built from YAML
+aliases can expand to billions of items). ``float`` fields take finite numbers only (NaN and
+inf are refused; ``1e-4`` written as a YAML 1.1 string is read as the number). A ``Literal``
+with ``"on"``/``"off"`` choices takes YAML 1.1's booleans for them (``latency: off`` read as
+False by a YAML 1.1 loader means "off").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from .errors import AdcError
+from .errors import AdcError, short_repr
+from .yaml_io import FLOAT_RE
 
 T = TypeVar("T")
 
@@ -28,9 +36,10 @@ def from_dict(cls: type[T], data: Any, path: str = "recipe") -> T:
         raise AdcError(f"{path}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise AdcError(f"{path}.{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
+        key = unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 80 else short_repr(unknown[0])
+        raise AdcError(f"{path}.{key}: unknown key (expected one of: {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -71,17 +80,23 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 return _convert(arg, value, path)
             except AdcError as exc:
                 errors.append(str(exc))
-        raise AdcError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {_name(tp)}")
+        raise AdcError(errors[0] if len(errors) == 1 else f"{path}: {short_repr(value)} matches none of {_name(tp)}")
     if origin is Literal:
         choices = get_args(tp)
-        if value not in choices:
-            raise AdcError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        if isinstance(value, bool) and {"on", "off"} <= set(choices) and not any(isinstance(c, bool) for c in choices):
+            value = "on" if value else "off"  # YAML 1.1 reads on/off/yes/no as booleans
+        try:
+            ok = value in choices
+        except TypeError:
+            ok = False
+        if not ok:
+            raise AdcError(f"{path}: {short_repr(value)} is not one of {', '.join(map(repr, choices))}")
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise AdcError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            raise AdcError(f"{path}: expected a list, got {type(value).__name__} {short_repr(value)}")
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
@@ -97,27 +112,29 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return {_convert(args[0], k, f"{path}"): _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise AdcError(f"{path}: expected true/false, got {value!r}")
+            raise AdcError(f"{path}: expected true/false, got {short_repr(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise AdcError(f"{path}: expected an integer, got {value!r}")
+            raise AdcError(f"{path}: expected an integer, got {short_repr(value)}")
         return value
     if tp is float:
+        if isinstance(value, str) and FLOAT_RE.match(value.strip()):
+            value = float(value.strip().lower().lstrip("+").replace(".inf", "inf").replace(".nan", "nan"))
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise AdcError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+            raise AdcError(f"{path}: expected a number, got {short_repr(value)}")
+        return check_finite(float(value), path)
     if tp is str:
         if not isinstance(value, str):
-            raise AdcError(f"{path}: expected a string, got {value!r}")
+            raise AdcError(f"{path}: expected a string, got {short_repr(value)}")
         return value
     if tp is Path:
-        if not isinstance(value, (str, Path)):
-            raise AdcError(f"{path}: expected a path, got {value!r}")
+        if not isinstance(value, (str, Path)) or "\0" in str(value):
+            raise AdcError(f"{path}: expected a path, got {short_repr(value)}")
         return Path(value).expanduser()
     if isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise AdcError(f"{path}: cannot read {value!r} as {_name(tp)}")
+    raise AdcError(f"{path}: cannot read {short_repr(value)} as {_name(tp)}")
 
 
 def _name(tp: Any) -> str:
@@ -125,10 +142,25 @@ def _name(tp: Any) -> str:
 
 
 def check_range(value: float, lo: float, hi: float, path: str, *, hi_open: bool = False) -> None:
-    """Raise unless lo <= value <= hi (or < hi when ``hi_open``)."""
+    """Raise unless lo <= value <= hi (or < hi when ``hi_open``); NaN is outside every range."""
     ok = lo <= value < hi if hi_open else lo <= value <= hi
     if not ok:
-        raise AdcError(f"{path}: {value!r} is outside [{lo}, {hi}{')' if hi_open else ']'}")
+        raise AdcError(f"{path}: {short_repr(value)} is outside [{lo}, {hi}{')' if hi_open else ']'}")
 
 
-__all__ = ["from_dict", "to_dict", "check_range", "typing"]
+def check_finite(value: float, path: str) -> float:
+    """``value`` if it is a finite number, else one line naming ``path``."""
+    if not math.isfinite(value):
+        raise AdcError(f"{path}: expected a finite number, got {short_repr(value)}")
+    return value
+
+
+def check_positive(value: float, path: str) -> float:
+    """``value`` if it is a finite number > 0 (a learning rate, a weight that must act), else one line."""
+    check_finite(value, path)
+    if not value > 0:
+        raise AdcError(f"{path}: expected a number > 0, got {short_repr(value)}")
+    return value
+
+
+__all__ = ["from_dict", "to_dict", "check_range", "check_finite", "check_positive", "short_repr", "typing"]

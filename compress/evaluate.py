@@ -3,21 +3,35 @@
     python -m compress.evaluate --sr results/ --hr data/samples/realsr/HR [--out DIR] [--metrics psnr,ssim,lpips]
 
 Why: the students must be compared with the published one-step SR models on the numbers their papers print, so
-images are paired the way their scripts pair them (sorted file names, names may differ),
 PSNR/SSIM match pyiqa's Y-channel versions, and learned metrics use pyiqa itself, offline,
 only when it is installed with its weights on disk (otherwise they are listed as unavailable).
 Writes ``per_image.csv``, ``summary.csv`` and ``summary.md`` atomically into ``--out``
 (default: ``<sr>_metrics`` beside the SR folder, so the input folder is left untouched).
+
+Pairing (:func:`pair_images`). The papers' scripts pair by sorted order, which silently scores
+the wrong pairs when names do not line up (shuffled names: 13.16 dB instead of 15.20). Here:
+
+1. the counts must be equal;
+2. if any SR file name (without extension) equals an HR one, every one must: pairs are by
+   name, and the first SR image without a namesake is an error;
+3. else, if the names differ only by a fixed prefix/suffix per folder (``0001_out.png`` vs
+   ``0001.png``, ``x_SR.png`` vs ``x_HR.png``), pairs are by the remaining part of the name;
+4. else pairs are by sorted order, and a warning says so on stderr, in ``summary.md`` and in
+   the ``pairing`` column of ``summary.csv``.
+
+If no metric at all could be computed (say ``--metrics lpips`` without pyiqa), the command
+says why in one line and exits 2 without writing reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -29,12 +43,15 @@ if TYPE_CHECKING:
     import pandas as pd
 
 # torch and pandas are imported where needed: bad input is reported before paying for them.
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_METRICS",
+    "computed_metrics",
     "evaluate_folders",
     "main",
     "pair_folders",
+    "pair_images",
     "parse_metric_names",
     "psnr_y",
     "ssim_y",
@@ -46,7 +63,6 @@ __all__ = [
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa", "fid")
 _BUILTIN = ("psnr", "ssim")
 _ALIASES = {"maniqa-pipal": "maniqa", "clip-iqa": "clipiqa", "psnry": "psnr"}
-#: Reports are for sharing; the temporary files atomic_path makes are private (0600).
 _LOWER_BETTER = {"psnr": False, "ssim": False, **{k: v.lower_better for k, v in LEARNED_METRICS.items()}}
 
 
@@ -83,32 +99,85 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise AdcError(f"{path}: unreadable image ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
-def pair_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
-    """Pair SR and HR images by sorted file name order; checks counts, readability and sizes up front."""
-    sr_files = list_images(sr_dir, "SR")
-    hr_files = list_images(hr_dir, "HR")
+def _affix_cores(stems: list[str]) -> tuple[list[str], str, str] | None:
+    """The stems without their common prefix and suffix, if that leaves distinct non-empty names."""
+    if len(stems) < 2:
+        return None
+    pre = os.path.commonprefix(stems)
+    suf = os.path.commonprefix([t[::-1] for t in stems])[::-1]
+    cores = [t[len(pre):len(t) - len(suf)] if len(pre) + len(suf) < len(t) else "" for t in stems]
+    if not all(cores) or len(set(cores)) != len(cores):
+        return None
+    return cores, pre, suf
+
+
+def pair_images(sr_files: list[Path], hr_files: list[Path]) -> tuple[list[tuple[Path, Path]], str, str | None]:
+    """(pairs, rule, warning) by the rule of the module docstring; ``warning`` is None unless
+    the pairs are by sorted order only."""
+    sr_dir, hr_dir = (files[0].parent if files else "?" for files in (sr_files, hr_files))
     if len(sr_files) != len(hr_files):
         raise AdcError(f"image count mismatch: {len(sr_files)} SR images in {sr_dir} "
                        f"vs {len(hr_files)} HR images in {hr_dir}")
+    by_stem = []
+    for role, files in (("SR", sr_files), ("HR", hr_files)):
+        stems: dict[str, Path] = {}
+        for f in files:
+            stems.setdefault(f.stem, f)
+        by_stem.append(stems)
+    sr_stems, hr_stems = by_stem
+    if set(sr_stems) & set(hr_stems):
+        for role, files, stems in (("SR", sr_files, sr_stems), ("HR", hr_files, hr_stems)):
+            if len(stems) != len(files):
+                twin = next(f for f in files if stems[f.stem] != f)
+                raise AdcError(f"{twin}: {role} name {twin.stem!r} is used twice ({stems[twin.stem].name}, {twin.name}); "
+                               f"images are paired by name")
+        missing = next((f for f in sr_files if f.stem not in hr_stems), None)
+        if missing is not None:
+            matched = len(set(sr_stems) & set(hr_stems))
+            raise AdcError(f"{missing}: no HR image named {missing.stem}.* in {hr_dir} ({matched} of {len(sr_files)} "
+                           f"names match; when any name matches, SR and HR are paired by name)")
+        return [(sr_stems[h.stem], h) for h in hr_files], "by file name", None
+    sr_c, hr_c = _affix_cores([f.stem for f in sr_files]), _affix_cores([f.stem for f in hr_files])
+    if sr_c and hr_c and set(sr_c[0]) == set(hr_c[0]):
+        sr_by_core = dict(zip(sr_c[0], sr_files))
+        rule = (f"by file name without the fixed parts (SR {sr_c[1]}*{sr_c[2]}, HR {hr_c[1]}*{hr_c[2]})")
+        return [(sr_by_core[c], h) for c, h in zip(hr_c[0], hr_files)], rule, None
     pairs = list(zip(sr_files, hr_files))
+    warning = (f"warning: no SR file name matches an HR one; paired by sorted order ({pairs[0][0].name} with "
+               f"{pairs[0][1].name}, ...); check the pairs in per_image.csv")
+    return pairs, "by sorted order (names differ)", warning
+
+
+def pair_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """Pair SR and HR images (:func:`pair_images`); checks counts, names, readability and sizes up front."""
+    return _pair_folders(sr_dir, hr_dir)[0]
+
+
+def _pair_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike
+                  ) -> tuple[list[tuple[Path, Path]], str, str | None]:
+    pairs, rule, warning = pair_images(list_images(sr_dir, "SR"), list_images(hr_dir, "HR"))
     for sr, hr in pairs:
         s, h = _image_size(sr), _image_size(hr)
         if s != h:
             raise AdcError(f"size mismatch: {sr} is {s[0]}x{s[1]} but {hr} is {h[0]}x{h[1]}")
-    return pairs
+    return pairs, rule, warning
 
 
 def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
                      metrics: str | Iterable[str] = DEFAULT_METRICS,
-                     device: str | None = None) -> pd.DataFrame:
+                     device: str | None = None, log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Per-image scores as a DataFrame (columns ``sr``, ``hr``, then one per computed metric).
 
     ``df.attrs`` carries what a per-image table cannot: ``set_metrics`` (folder-level scores
     such as FID), ``unavailable`` ({metric: reason}), ``metrics`` (requested, in order),
-    ``sr_dir``/``hr_dir`` and ``pyiqa`` (its version or None).
+    ``sr_dir``/``hr_dir``, ``pyiqa`` (its version or None), ``pairing`` (the rule used) and
+    ``pairing_warning`` (a line, when the pairs are by sorted order only; also given to ``log``,
+    default: this module's logger).
     """
     names = parse_metric_names(metrics)
-    pairs = pair_folders(sr_dir, hr_dir)
+    pairs, pairing, pairing_warning = _pair_folders(sr_dir, hr_dir)
+    if pairing_warning:
+        (log or logger.warning)(pairing_warning)
 
     import pandas as pd
 
@@ -151,8 +220,16 @@ def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
         sr_dir=str(sr_dir),
         hr_dir=str(hr_dir),
         pyiqa=pyiqa_version() if learned_names else None,
+        pairing=pairing,
+        pairing_warning=pairing_warning,
     )
     return df
+
+
+def computed_metrics(per_image: pd.DataFrame) -> list[str]:
+    """The requested metrics that got a value (a per-image column or a folder score)."""
+    names = per_image.attrs.get("metrics") or []
+    return [n for n in names if n in per_image.columns or n in per_image.attrs.get("set_metrics", {})]
 
 
 def _failure(exc: BaseException, where: str) -> str:
@@ -162,12 +239,15 @@ def _failure(exc: BaseException, where: str) -> str:
 
 def summarize(per_image: pd.DataFrame) -> pd.DataFrame:
     """One row per requested metric: ``metric``, ``value`` (mean, or the folder score), ``n_images``,
-    ``lower_better``, ``status`` ('ok' or 'unavailable (...)')."""
+    ``lower_better``, ``status`` ('ok' or 'unavailable (...)'), ``pairing`` (how SR met HR)."""
     import pandas as pd
 
     names = per_image.attrs.get("metrics") or [c for c in per_image.columns if c not in ("sr", "hr")]
     set_scores = per_image.attrs.get("set_metrics", {})
     unavailable = per_image.attrs.get("unavailable", {})
+    pairing = per_image.attrs.get("pairing", "?")
+    if per_image.attrs.get("pairing_warning"):
+        pairing = f"{pairing}: WARNING, check the pairs"
     n = len(per_image)
     rows = []
     for name in names:
@@ -178,8 +258,8 @@ def summarize(per_image: pd.DataFrame) -> pd.DataFrame:
         else:
             value, status = float("nan"), unavailable.get(name, "unavailable")
         rows.append({"metric": name, "value": value, "n_images": n,
-                     "lower_better": _LOWER_BETTER.get(name, False), "status": status})
-    return pd.DataFrame(rows, columns=["metric", "value", "n_images", "lower_better", "status"])
+                     "lower_better": _LOWER_BETTER.get(name, False), "status": status, "pairing": pairing})
+    return pd.DataFrame(rows, columns=["metric", "value", "n_images", "lower_better", "status", "pairing"])
 
 
 def _markdown(per_image: pd.DataFrame, summary: pd.DataFrame) -> str:
@@ -191,9 +271,11 @@ def _markdown(per_image: pd.DataFrame, summary: pd.DataFrame) -> str:
         "",
         f"- SR: `{a.get('sr_dir', '?')}`",
         f"- HR: `{a.get('hr_dir', '?')}`",
-        f"- images: {len(per_image)} (paired by sorted file name)",
+        f"- images: {len(per_image)} (paired {a.get('pairing', '?')})",
         "- PSNR/SSIM: Y channel (BT.601 ycbcr), no border crop, as pyiqa `test_y_channel=True, color_space='ycbcr'`",
     ]
+    if a.get("pairing_warning"):
+        lines.append(f"- **{a['pairing_warning']}**")
     if a.get("pyiqa"):
         lines.append(f"- learned metrics: pyiqa {a['pyiqa']}")
     lines += ["", "| metric | value | better | status |", "|---|---:|---|---|"]
@@ -233,7 +315,8 @@ def _default_out(sr_dir: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m compress.evaluate",
-        description="Score SR images against HR references (pairs by sorted file name).")
+        description="Score SR images against HR references (paired by file name; by sorted order, "
+                    "with a warning, when no name matches).")
     parser.add_argument("--sr", required=True, help="folder of super-resolved images")
     parser.add_argument("--hr", required=True, help="folder of ground-truth images (same count and sizes)")
     parser.add_argument("--out", default=None, help="report folder (default: <sr>_metrics beside the SR folder)")
@@ -242,12 +325,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="device for learned metrics (default: cuda if available)")
     args = parser.parse_args(argv)
     try:
-        df = evaluate_folders(args.sr, args.hr, metrics=args.metrics, device=args.device)
+        df = evaluate_folders(args.sr, args.hr, metrics=args.metrics, device=args.device,
+                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not computed_metrics(df):
+            why = "; ".join(f"{k}: {v}" for k, v in df.attrs["unavailable"].items())
+            raise AdcError(f"no metric could be computed ({why}); nothing written")
         out = Path(args.out) if args.out else _default_out(args.sr)
         paths = write_reports(df, out)
     except AdcError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     sys.stdout.write(paths["markdown"].read_text(encoding="utf-8"))
     print(f"wrote {paths['per_image']}, {paths['summary']}, {paths['markdown']}")
     return 0

@@ -4,7 +4,15 @@ Why a separate entry point: the official AdcSR ``test.py`` needs sides divisible
 whole image at once (a 1500x1200 LR runs out of memory on an H100, AdcSR issue #7) and has no
 safe half precision. Here the LR is reflection-padded and the output cropped back, large
 images are tiled with seam-free blending and *global* colour statistics, and fp16/bf16 run as
-autocast with a non-finite fallback (see :mod:`compress.inference`).
+autocast with a non-finite fallback (see :mod:`compress.inference`). Each PNG is written row
+band by row band as tiles finish, so memory is bounded by the tile, not the image.
+
+Files: the output folder is created and test-written before the model is loaded. Inputs are
+never overwritten, and neither is any other file in an input's own folder: ``--input dir/x.jpg
+--output dir`` writes ``dir/x.png`` only if no such file exists. In a separate output folder,
+a rerun replaces the outputs of the same names. Every PNG is written atomically; a failed
+write (disk full, read-only, ...) stops the run with one ``error:`` line naming the file
+(exit 2), leaving the images already written and no partial file. Ctrl-C: "interrupted", exit 130.
 
     python -m compress.sr --model weights/ --input lr/ --output sr/ --tile 512 --dtype fp16
 
@@ -16,23 +24,23 @@ compressed model such as ``adcsr``) with random weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from .errors import AdcError
-from .inference import Precision, model_device, model_pad_multiple, resolve_precision, upscale
-from .io import atomic_path
+from .inference import Precision, model_device, model_pad_multiple, resolve_precision, upscale, upscale_to_png
+from .io import WriteError, make_dirs, write_fault
 
-__all__ = ["load_sr_model", "upscale", "plan_outputs", "sr_models", "main"]
-
+__all__ = ["load_sr_model", "upscale", "upscale_to_png", "plan_outputs", "prepare_output_folder", "sr_models", "main"]
 
 
 def sr_models() -> list[str]:
@@ -160,12 +168,14 @@ def _inputs(src: Path, out_dir: Path, recursive: bool) -> tuple[Path, list[Path]
 
 
 def plan_outputs(root: Path, files: Sequence[Path], out_dir: Path) -> list[Path]:
-    """One PNG per input, mirroring its path under ``root``; refuses any that would overwrite an input.
+    """One PNG per input, mirroring its path under ``root``; refuses any that would overwrite an input,
+    or any existing file in an input's own folder (``--input dir/x.jpg --output dir`` with a ``dir/x.png``).
 
     Two inputs with the same stem (``a.jpg``, ``a.png``) get ``a.png`` and ``a.jpg.png``.
     """
     sources = {p.resolve() for p in files}
     inodes = {(s.st_dev, s.st_ino) for s in (p.stat() for p in files)}
+    input_dirs = {p.parent for p in sources}
     taken: set[Path] = set()
     plan = []
     for p in files:
@@ -176,22 +186,36 @@ def plan_outputs(root: Path, files: Sequence[Path], out_dir: Path) -> list[Path]
         real = out.resolve()
         if real in sources or (out.exists() and (out.stat().st_dev, out.stat().st_ino) in inodes):
             raise AdcError(f"refusing to write {out}: it is an input file (choose another --output)")
+        if real.parent in input_dirs and out.exists():
+            raise AdcError(f"refusing to write {out}: the file exists in the input's folder and adc never "
+                           f"overwrites files there (choose another --output)")
         taken.add(real)
         plan.append(out)
     return plan
 
 
-def save_png(sr01: torch.Tensor, path: Path) -> None:
-    """(3,H,W) in [0,1] -> 8-bit RGB PNG, written atomically (temp file + rename). Scales ``sr01`` in place."""
-    from PIL import Image
-
-    arr = sr01.mul_(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")  # uint8 HxWx3 is RGB
+def prepare_output_folder(out_dir: Path) -> bool:
+    """Create ``out_dir`` if needed and prove it writable (a probe file written and removed), before
+    any model is loaded; one line otherwise. Returns whether the folder was created."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AdcError(f"--output {out_dir}: is a file; expected a folder for the PNGs")
+    created = not out_dir.exists()
+    make_dirs(out_dir)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".adc-write-probe-", dir=out_dir)
+        try:
+            os.write(fd, b"adc")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        fault = write_fault(exc, out_dir)
+        raise AdcError(f"--output {fault or f'{out_dir}: cannot write ({exc.strerror or exc})'}") from None
+    return created
 
 
 def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     msg = str(exc)
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "not enough memory" in msg)
@@ -207,7 +231,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="SPEC",
                    help="official AdcSR weights folder, adc run folder, or a model name (random weights, for tests)")
     p.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
-    p.add_argument("--output", required=True, type=Path, help="folder for the PNGs (never the input folder)")
+    p.add_argument("--output", required=True, type=Path,
+                   help="folder for the PNGs: never the input folder, and no existing file in an input's folder "
+                        "is replaced")
     p.add_argument("--recursive", action="store_true", help="also read images in subfolders (mirrored in --output)")
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help="LR tile side in px (a multiple of the model's 16); 0 or unset = whole image at once")
@@ -238,38 +264,46 @@ def run(args: argparse.Namespace) -> int:
     root, files = _inputs(args.input, args.output, args.recursive)
     outputs = plan_outputs(root, files, args.output)
     device = _parse_device(args.device)
-    model = load_sr_model(args.model, args.size, device, log=log)
-    precision: Precision = resolve_precision(args.dtype, model_device(model))
-    if precision.notice:
-        log(precision.notice)
-    if tile is not None:  # rounded here once, not once per image inside upscale
-        multiple = model_pad_multiple(model)
-        rounded = max(multiple, tile // multiple * multiple)
-        if rounded != tile:
-            log(f"notice: --tile {tile} rounded to {rounded} (a multiple of {multiple})")
-        tile = rounded
-
+    created = prepare_output_folder(args.output)  # before minutes of model loading, not after
     written = skipped = 0
-    for src, dst in zip(tqdm(files, desc="sr", unit="img", file=sys.stderr, disable=None), outputs):
-        try:
-            lr = to_chw_tensor(read_image(src))
-        except ImageReadError as exc:
-            log(f"skipped: {exc}")
-            skipped += 1
-            continue
-        h, w = lr.shape[-2:]
-        if tile is None and max(h, w) > 1024:
-            log(f"hint: {src.name} is {w}x{h} and runs untiled; add --tile 512 if memory runs out")
-        try:
-            sr = upscale(model, lr, tile=tile, overlap=args.overlap, dtype=precision, batch=args.batch,
-                         progress=True, log=log, name=str(src))
-        except (RuntimeError, torch.OutOfMemoryError) as exc:
-            if not _is_oom(exc):
-                raise
-            advice = "a smaller --tile or --batch 1" if tile else "--tile 512 (or smaller)"
-            raise AdcError(f"{src}: out of memory on a {w}x{h} image; rerun with {advice}") from None
-        save_png(sr, dst)
-        written += 1
+    try:
+        model = load_sr_model(args.model, args.size, device, log=log)
+        precision: Precision = resolve_precision(args.dtype, model_device(model))
+        if precision.notice:
+            log(precision.notice)
+        if tile is not None:  # rounded here once, not once per image inside upscale
+            multiple = model_pad_multiple(model)
+            rounded = max(multiple, tile // multiple * multiple)
+            if rounded != tile:
+                log(f"notice: --tile {tile} rounded to {rounded} (a multiple of {multiple})")
+            tile = rounded
+
+        for src, dst in zip(tqdm(files, desc="sr", unit="img", file=sys.stderr, disable=None), outputs):
+            try:
+                lr = to_chw_tensor(read_image(src))
+            except ImageReadError as exc:
+                log(f"skipped: {exc}")
+                skipped += 1
+                continue
+            h, w = lr.shape[-2:]
+            if tile is None and max(h, w) > 1024:
+                log(f"hint: {src.name} is {w}x{h} and runs untiled; add --tile 512 if memory runs out")
+            try:
+                upscale_to_png(model, lr, dst, tile=tile, overlap=args.overlap, dtype=precision, batch=args.batch,
+                               progress=True, log=log, name=str(src))
+            except WriteError as exc:
+                raise WriteError(f"{exc}; {written} of {len(files)} images were written before it") from None
+            except (RuntimeError, MemoryError) as exc:
+                if not _is_oom(exc):
+                    raise
+                advice = "a smaller --tile or --batch 1" if tile else "--tile 512 (or smaller)"
+                raise AdcError(f"{src}: out of memory on a {w}x{h} image; rerun with {advice}") from None
+            del lr
+            written += 1
+    finally:
+        if created and written == 0:
+            with contextlib.suppress(OSError):
+                args.output.rmdir()  # only if still empty: a failed run leaves no trace
     print(f"done: {written} written, {skipped} skipped, {time.perf_counter() - t0:.1f} s -> {args.output}",
           flush=True)
     return 1 if written == 0 and skipped else 0
@@ -285,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # an environment fault no check above foresaw: still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

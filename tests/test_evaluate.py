@@ -271,3 +271,57 @@ def test_learned_metrics_need_weights_on_disk_and_never_download(stub_pyiqa, tmp
     assert summary.loc["fid", "value"] == 12.5 and summary.loc["fid", "status"] == "ok"
     assert summary.loc["dists", "status"].startswith("unavailable (weights not found")
     assert df.attrs["pyiqa"] == "0.0-stub"
+
+
+# ---- pairing by name, and nothing computed -------------------------------------------------------
+
+
+def _copies(src: Path, dst: Path, names: dict[str, str]) -> None:
+    """Copy src/<hr name> to dst/<sr name> for each (hr name -> sr name)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for hr_name, sr_name in names.items():
+        (dst / sr_name).write_bytes((src / hr_name).read_bytes())
+
+
+def test_pairs_are_by_name_whatever_the_sorted_order(tmp_path, no_pyiqa):
+    """SR copies of each HR under other names: a right pairing gives 80 dB (identical) for every image."""
+    hr = tmp_path / "hr"
+    _write_images(hr, ["img1.png", "img2.png", "img10.png"])
+    _copies(hr, tmp_path / "same", {"img1.png": "img1.bmp", "img2.png": "img2.bmp", "img10.png": "img10.bmp"})
+    _copies(hr, tmp_path / "affix", {"img1.png": "1_sr.png", "img2.png": "2_sr.png", "img10.png": "10_sr.png"})
+    for sr, rule in (("same", "by file name"), ("affix", "by file name without the fixed parts (SR *_sr, HR img*)")):
+        df = evaluate_folders(tmp_path / sr, hr, metrics="psnr")
+        assert df.attrs["pairing"] == rule and df.attrs["pairing_warning"] is None
+        assert np.allclose(df["psnr"], 80.0), (sr, list(zip(df["sr"], df["hr"])))
+    # Sorted order alone would have paired 10_sr with img1: the mistake the rule prevents.
+    assert sorted(p.name for p in (tmp_path / "affix").iterdir())[0] == "10_sr.png"
+
+
+def test_partial_name_match_is_an_error_naming_the_file(tmp_path, no_pyiqa):
+    _write_images(tmp_path / "hr", ["a.png", "b.png"])
+    _write_images(tmp_path / "sr", ["a.png", "z.png"])
+    with pytest.raises(AdcError, match=r"z\.png: no HR image named z\.\* in .* \(1 of 2 names match"):
+        pair_folders(tmp_path / "sr", tmp_path / "hr")
+
+
+def test_unrelated_names_pair_by_sorted_order_with_a_visible_warning(tmp_path, no_pyiqa, capsys):
+    _write_images(tmp_path / "hr", ["one.png", "two.png"])
+    _write_images(tmp_path / "sr", ["cat.png", "dog.png"], seed=1)
+    out = tmp_path / "report"
+    assert main(["--sr", str(tmp_path / "sr"), "--hr", str(tmp_path / "hr"), "--metrics", "psnr",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: no SR file name matches an HR one; paired by sorted order")
+    assert "paired by sorted order" in (out / "summary.md").read_text()
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["pairing"].str.contains("WARNING").all()
+
+
+def test_nothing_computed_is_exit_2_and_writes_nothing(tmp_path, no_pyiqa, capsys):
+    _write_images(tmp_path / "x", ["a.png"])
+    out = tmp_path / "report"
+    assert main(["--sr", str(tmp_path / "x"), "--hr", str(tmp_path / "x"), "--metrics", "lpips",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: no metric could be computed (lpips: unavailable (pyiqa not installed)); nothing written"]
+    assert not out.exists()

@@ -54,3 +54,14 @@ def reflect_pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tenso
     if pw:
         x = _reflect_1d(x, -1, pw)
     return x, (h, w)
+
+
+def reflect_index(size: int, multiple: int) -> torch.Tensor:
+    """Source index of every position of an axis of ``size`` padded by :func:`reflect_pad_to_multiple`.
+
+    ``x.index_select(dim, reflect_index(n, m))`` equals that padding along ``dim`` exactly (the
+    same repeated reflection, then replication), without a padded copy of the whole image:
+    tiles can be cut straight from the unpadded LR.
+    """
+    pos = torch.arange(size, dtype=torch.float64).view(1, 1, 1, size)
+    return _reflect_1d(pos, -1, (-size) % multiple).view(-1).to(torch.long)

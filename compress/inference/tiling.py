@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 
@@ -100,13 +101,12 @@ def axis_window(start: int, size: int, length: int, overlap: int, scale: int) ->
     return w
 
 
-class Stitcher:
-    """Accumulates window-weighted tile outputs into one (C, H*s, W*s) fp32 image."""
+class _Windows:
+    """The blend windows of every tile row and column of ``grid``, and their per-axis sums."""
 
-    def __init__(self, grid: TileGrid, scale: int, channels: int, device: torch.device | str):
+    def __init__(self, grid: TileGrid, scale: int):
         self.grid, self.scale = grid, scale
         g, s = grid, scale
-        self.acc = torch.zeros(channels, g.height * s, g.width * s, dtype=torch.float32, device=device)
         self._wy = {y: axis_window(y, g.tile_h, g.height, g.overlap, s) for y in g.ys}
         self._wx = {x: axis_window(x, g.tile_w, g.width, g.overlap, s) for x in g.xs}
         norm_y = torch.zeros(g.height * s, dtype=torch.float64)
@@ -119,16 +119,77 @@ class Stitcher:
             raise AdcError("internal: the tile windows leave output pixels with zero weight")
         self._norm_y, self._norm_x = norm_y, norm_x
 
+    def _add(self, acc: torch.Tensor, top: int, y: int, x: int, out: torch.Tensor) -> None:
+        """Add one tile's weighted output into ``acc``, whose row 0 is output row ``top``."""
+        s, g = self.scale, self.grid
+        w = (self._wy[y][:, None] * self._wx[x][None, :]).to(acc.device, torch.float32)
+        region = acc[:, y * s - top:(y + g.tile_h) * s - top, x * s:(x + g.tile_w) * s]
+        region.addcmul_(out.to(acc.device, torch.float32), w)
+
+    def _normalise_(self, rows: torch.Tensor, top: int) -> torch.Tensor:
+        """Divide accumulated output rows ``top:top + len`` by the window sums, in place."""
+        dev = rows.device
+        rows.div_(self._norm_y[top:top + rows.shape[1]].to(dev, torch.float32)[None, :, None])
+        rows.div_(self._norm_x.to(dev, torch.float32)[None, None, :])
+        return rows
+
+
+class Stitcher(_Windows):
+    """Accumulates window-weighted tile outputs into one (C, H*s, W*s) fp32 image."""
+
+    def __init__(self, grid: TileGrid, scale: int, channels: int, device: torch.device | str):
+        super().__init__(grid, scale)
+        self.acc = torch.zeros(channels, grid.height * scale, grid.width * scale, dtype=torch.float32, device=device)
+
     def add(self, y: int, x: int, out: torch.Tensor) -> None:
         """Add one tile's output (C, tile_h*s, tile_w*s)."""
-        s, g = self.scale, self.grid
-        w = (self._wy[y][:, None] * self._wx[x][None, :]).to(self.acc.device, torch.float32)
-        region = self.acc[:, y * s:(y + g.tile_h) * s, x * s:(x + g.tile_w) * s]
-        region.addcmul_(out.to(self.acc.device, torch.float32), w)
+        self._add(self.acc, 0, y, x, out)
 
     def result(self) -> torch.Tensor:
         """The normalised image, in place (no second output-sized buffer)."""
-        dev = self.acc.device
-        self.acc.div_(self._norm_y.to(dev, torch.float32)[None, :, None])
-        self.acc.div_(self._norm_x.to(dev, torch.float32)[None, None, :])
-        return self.acc
+        return self._normalise_(self.acc, 0)
+
+
+class BandStitcher(_Windows):
+    """Stitches tiles given in row-major order, holding only one tile row of output.
+
+    Why: the whole output of a 4000x3000 LR is 2.3 GB in fp32. Tiles arrive row by row, and once
+    the first tile of grid row ``y`` arrives, every output row above ``y * scale`` has all its
+    contributions: :meth:`stream` yields those rows (normalised, cropped to ``crop``) and the
+    accumulator then keeps only the rows still shared with the next tile row. Memory is one tile
+    row, ``C x tile_h*s x W*s``, whatever the image height; the arithmetic per pixel is
+    :class:`Stitcher`'s, so the bands concatenate to exactly its result.
+    """
+
+    def __init__(self, grid: TileGrid, scale: int, channels: int, device: torch.device | str,
+                 crop: tuple[int, int] | None = None):
+        super().__init__(grid, scale)
+        self.rows = grid.tile_h * scale
+        self.out_h, self.out_w = crop or (grid.height * scale, grid.width * scale)
+        self.acc = torch.zeros(channels, self.rows, grid.width * scale, dtype=torch.float32, device=device)
+        self.top = 0  # output row held in acc[:, 0]
+
+    def stream(self, tiles: Iterable[tuple[int, int, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """Add ``(y, x, output)`` tiles in row-major order; yield finished (C, rows, out_w) bands.
+
+        A band is a *view* into the accumulator, valid until the next band is asked for (the
+        consumer may change it in place; keep a copy to keep it). No copy of it is made here.
+        """
+        s = self.scale
+        for y, x, out in tiles:
+            if y * s > self.top:
+                yield from self._finished(y * s)
+            self._add(self.acc, self.top, y, x, out)
+        yield from self._finished(self.grid.height * s)
+
+    def _finished(self, upto: int) -> Iterator[torch.Tensor]:
+        n = upto - self.top
+        rows = self._normalise_(self.acc[:, :n], self.top)
+        keep = max(0, min(upto, self.out_h) - self.top)
+        if keep:
+            yield rows[:, :keep, :self.out_w]
+        held = self.rows - n
+        if held > 0:
+            self.acc[:, :held] = self.acc[:, n:].clone()
+        self.acc[:, max(held, 0):].zero_()
+        self.top = upto

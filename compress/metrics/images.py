@@ -25,7 +25,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 def list_images(folder: str | os.PathLike, role: str = "image") -> list[Path]:
     """Image files directly in ``folder``, sorted by file name; hidden files and sub-folders ignored.
 
-    Sorted order is the pairing rule of the StableSR-protocol evaluation scripts (SR and HR names may differ).
+    Sorted by name so listings are stable; :func:`compress.evaluate.pair_images` pairs SR with HR
+    by name, and falls back to this order (with a warning) only when no name matches.
     """
     folder = Path(folder)
     if not folder.exists():
