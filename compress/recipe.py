@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from .config import check_range, from_dict, to_dict
-from .errors import AdcError
+from .errors import AdcError, short_repr
 
 STAGE_ORDER = ("train_teacher", "analyse", "remove", "prune", "pretrain_decoder", "distill",
                "evaluate", "profile", "report")
@@ -173,14 +172,12 @@ def _set_dotted(d: dict, dotted: str, value: Any, where: str) -> None:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """``--set a.b=value`` overrides; the value is read as YAML (numbers, lists, null)."""
+    from .yaml_io import parse_yaml_value
+
     raw = copy.deepcopy(raw)
     for item in overrides:
         key, value = _split_override(item)
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise AdcError(f"--set {item!r}: the value is not valid YAML") from None
-        _set_dotted(raw, key, parsed, f"--set {key}")
+        _set_dotted(raw, key, parse_yaml_value(value, f"--set {key}"), f"--set {key}")
     return raw
 
 
@@ -195,14 +192,10 @@ def _split_override(item: str) -> tuple[str, str]:
 # Loading
 # --------------------------------------------------------------------------------------------
 def read_recipe_file(path: Path) -> dict:
-    if not path.is_file():
-        raise AdcError(f"{path}: recipe not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise AdcError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    """The recipe's mapping (size-capped, UTF-8, no duplicate keys or alias bombs: :mod:`compress.yaml_io`)."""
+    from .yaml_io import load_yaml
+
+    raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise AdcError(f"{path}: expected a mapping at the top level")
     return raw
@@ -215,13 +208,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path 
     raw = read_recipe_file(path)
     _load_plugins(raw, str(path))
     raw = _resolve_paths(raw, path.parent)
+    from .yaml_io import parse_yaml_value
+
     parsed = []
     for item in overrides:
         key, value = _split_override(item)
-        try:
-            parsed.append((key, yaml.safe_load(value)))
-        except yaml.YAMLError:
-            raise AdcError(f"--set {item!r}: the value is not valid YAML") from None
+        parsed.append((key, parse_yaml_value(value, f"--set {key}")))
     family = _family_name(raw, *[{"models": {"family": v}} for k, v in parsed if k == "models.family"])
     for key, value in parsed:
         if key.split(".")[0] in ("models", "data"):  # paths given on the command line: relative to the cwd
@@ -337,7 +329,7 @@ def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
     head = from_dict(_RecipeHead, raw, where)
     models = _parse_models(models_raw, f"{where}.models")
     if not _NAME.match(head.name):
-        raise AdcError(f"{where}.name: {head.name!r} must be a plain name (letters, digits, '.', '_', '-'; no "
+        raise AdcError(f"{where}.name: {short_repr(head.name)} must be a plain name (letters, digits, '.', '_', '-'; no "
                        "path separators): it names the run directory runs/<name>")
     stages: list[Stage] = []
     last = -1

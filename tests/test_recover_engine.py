@@ -164,3 +164,24 @@ def test_kill9_then_resume_gives_bit_identical_weights(tmp_path, one_thread, sta
     # the resumed run's metrics CSV has each step once (rows logged after the checkpoint were dropped)
     steps = [int(r.split(",")[0]) for r in (killed / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_falls_back_to_the_last_whole_checkpoint(tmp_path):
+    """A crash or a full disk can leave the newest checkpoint cut short: resume from the one before."""
+    root = realsr()
+    cfg = EngineConfig(max_steps=4, batch_size=2, checkpoint_every=2, keep_checkpoints=2, log_every=1, cpu=True,
+                       progress=False)
+    straight_model, setup = _conv_setup(root)
+    train(setup, cfg, tmp_path / "straight", log=lambda s: None)
+    model, setup = _conv_setup(root)
+    train(setup, cfg, tmp_path / "broken", log=lambda s: None)
+    newest = latest_checkpoint(tmp_path / "broken")
+    weights = next(newest.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    notes = []
+    model, setup = _conv_setup(root)
+    res = train(setup, cfg, tmp_path / "broken", log=notes.append)
+    assert any("step-00000004 cannot be resumed from" in n and "truncated" in n for n in notes)
+    assert res.summary["steps_this_run"] == 2  # steps 3 and 4 again, from step 2
+    assert (tmp_path / "broken" / "checkpoints" / ".broken-step-00000004").is_dir()  # set aside, not deleted
+    assert torch.equal(model.weight, straight_model.weight)  # bit-identical to the uninterrupted run

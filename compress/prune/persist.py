@@ -17,8 +17,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import AdcError
-from ..io import load_safetensors, read_format_json, save_safetensors
+from ..io import atomic_dir, atomic_write_text, load_safetensors, read_format_json, save_safetensors
 from ..zoo.construct import build_module
 from ._common import TransformRecord, count_params, import_target
 from .attention import restore_attention
@@ -242,35 +240,11 @@ def save_compressed(model: nn.Module, record_chain: Sequence[TransformRecord | d
                          "torch_pruning": getattr(torch_pruning, "__version__", "?")}}
     text = json.dumps(meta, indent=1, sort_keys=False, default=_json_default)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         if weights:
             save_safetensors(state, tmp / WEIGHTS, metadata={"format": FORMAT})
-        (tmp / RECORD).write_text(text + "\n")
-        _swap_dir(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(tmp / RECORD, text + "\n")
     return path
-
-
-def _swap_dir(tmp: Path, path: Path) -> None:
-    """Put directory ``tmp`` at ``path``; an old ``path`` is removed only after the new one is in place."""
-    if path.exists() and not path.is_dir():
-        raise AdcError(f"{path}: exists and is not a directory")
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old.{os.getpid()}")
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        if old is not None:
-            os.replace(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(o: Any) -> Any:

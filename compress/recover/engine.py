@@ -397,6 +397,42 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None: it looks whole), found without loading it.
+
+    A crash, a full disk or a copy cut short can truncate its files after the rename that made it
+    "complete": the trainer state must parse, safetensors headers must fit their files, and
+    torch archives must have their zip directory (written last).
+    """
+    import zipfile
+
+    try:
+        state = read_trainer_state(checkpoint)
+        if not isinstance(state, dict) or "step" not in state:
+            return f"{STATE_FILE} has no step"
+    except AdcError as exc:
+        return str(exc)
+    for f in sorted(checkpoint.iterdir()):
+        try:
+            if f.suffix == ".safetensors":
+                import json
+
+                with f.open("rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    raw = fh.read(n)
+                if len(raw) < n:
+                    return f"{f.name} is truncated"
+                header = json.loads(raw)
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if f.stat().st_size < 8 + n + end:
+                    return f"{f.name} is truncated"
+            elif f.suffix in (".bin", ".pt", ".pkl"):
+                zipfile.ZipFile(f).close()
+        except Exception as exc:  # any reader error means: not usable
+            return f"{f.name} is unreadable ({type(exc).__name__})"
+    return None
+
+
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     import json
 
@@ -587,6 +623,21 @@ def train(setup: TrainSetup, config: EngineConfig, run_dir: str | os.PathLike,
         GradientState._reset_state()
 
 
+def _last_good_checkpoint(run_dir: Path, main: bool, log, name: str) -> Path | None:
+    """The newest checkpoint that is whole; broken newer ones are set aside as ``.broken-step-N``."""
+    for candidate in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        if main:
+            log(f"[{name}] checkpoint {candidate.name} cannot be resumed from ({problem}); set aside, "
+                "trying the one before")
+            os.replace(candidate, candidate.with_name(f".broken-{candidate.name}"))
+    if main:
+        log(f"[{name}] no usable checkpoint: training starts over from step 0")
+    return None
+
+
 def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqdm) -> TrainResult:
     procs, accum = acc.num_processes, config.gradient_accumulation_steps
     if config.batch_size % (procs * accum):
@@ -606,6 +657,9 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
     if previous is not None and not config.resume:
         raise AdcError(f"{run_dir}: holds checkpoints (latest {previous.name}) but engine.resume is false; "
                        f"use a new run directory or set resume: true")
+    if previous is not None:
+        previous = _last_good_checkpoint(run_dir, main, log, setup.name)
+    acc.wait_for_everyone()
     if acc.device.type == "cuda" and config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
