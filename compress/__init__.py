@@ -1,3 +1,3 @@
 """adc: adversarial diffusion compression for SD-based real-world super-resolution."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -5,16 +5,15 @@ files, and now and then a truncated or mis-named one. Every reader in adc goes t
 :func:`read_image` so all of them see the same RGB float32 array, and a bad file costs one
 warning line instead of a crashed run.
 
-16-bit PNGs: Pillow reduces 16-bit-per-channel RGB(A) PNGs to 8 bits, so those are decoded here
-(zlib + PNG row filters, vectorised along anti-diagonals) to keep their precision (value / 65535).
+16-bit PNGs: Pillow reduces 16-bit-per-channel RGB(A) PNGs to 8 bits, so those are read with
+OpenCV (``cv2.imread(..., IMREAD_UNCHANGED)``, libpng underneath), which keeps their precision
+(value / 65535); every other file goes through Pillow.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +62,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with open(path, "rb") as fh:
             head = fh.read(29)
-        if _is_plain_png16(head):
-            return _decode_png16(path.read_bytes())
+        if _is_png16(head):
+            return _read_png16(path)
         with Image.open(path) as im:
             im.load()  # decode now, so truncated files fail here and not later
             im = ImageOps.exif_transpose(im) or im
@@ -148,71 +147,25 @@ def _gray_to_rgb(arr: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- 16-bit PNG
 
 
-def _is_plain_png16(head: bytes) -> bool:
-    """True for a non-interlaced 16-bit PNG (the only kind Pillow would truncate)."""
+def _is_png16(head: bytes) -> bool:
+    """True for a 16-bit-per-sample PNG (the kind Pillow would truncate to 8 bits)."""
     if len(head) < 29 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
         return False
-    depth, ctype, interlace = head[24], head[25], head[28]
-    return depth == 16 and ctype in _PNG_CHANNELS and interlace == 0
+    depth, ctype = head[24], head[25]
+    return depth == 16 and ctype in _PNG_CHANNELS
 
 
-def _decode_png16(data: bytes) -> np.ndarray:
-    """Decode a non-interlaced 16-bit PNG (gray, gray+alpha, RGB, RGBA) to RGB float32 / 65535."""
-    pos, idat, header = len(_PNG_SIGNATURE), [], None
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        ctype = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        crc = data[pos + 8 + length:pos + 12 + length]
-        if len(body) != length or len(crc) != 4:
-            raise ValueError("truncated PNG chunk")
-        if struct.unpack(">I", crc)[0] != zlib.crc32(ctype + body) & 0xFFFFFFFF:
-            raise ValueError(f"CRC mismatch in PNG chunk {ctype!r}")
-        if ctype == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif ctype == b"IDAT":
-            idat.append(body)
-        elif ctype == b"IEND":
-            break
-        pos += 12 + length
-    if header is None or not idat:
-        raise ValueError("PNG without IHDR or IDAT")
-    width, height, _depth, colour, _comp, _filt, _interlace = header
-    channels = _PNG_CHANNELS[colour]
-    bpp = 2 * channels
-    raw = zlib.decompress(b"".join(idat))
-    stride = 1 + width * bpp
-    if len(raw) < height * stride:
-        raise ValueError(f"PNG data too short ({len(raw)} bytes for {width}x{height})")
-    rows = np.frombuffer(raw, dtype=np.uint8, count=height * stride).reshape(height, stride)
-    filters = rows[:, 0].astype(np.int64)
-    if filters.max(initial=0) > 4:
-        raise ValueError(f"bad PNG filter type {int(filters.max())}")
-    recon = _unfilter(filters, rows[:, 1:].reshape(height, width, bpp).astype(np.int32))
-    samples = (recon[:, :, 0::2] << 8 | recon[:, :, 1::2]).astype(np.float32) / 65535.0
-    if channels <= 2:  # gray (+alpha): replicate gray, drop alpha
+def _read_png16(path: Path) -> np.ndarray:
+    """A 16-bit PNG (gray, gray+alpha, RGB, RGBA) as RGB float32 / 65535, through OpenCV."""
+    import cv2
+
+    data = np.fromfile(path, dtype=np.uint8)  # imdecode: no path-encoding surprises, one read
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16:
+        raise ValueError("OpenCV could not decode it as a 16-bit PNG")
+    samples = arr.astype(np.float32) / 65535.0
+    if samples.ndim == 2:
+        return _gray_to_rgb(samples)
+    if samples.shape[2] == 2:  # gray + alpha: drop alpha
         return _gray_to_rgb(samples[:, :, 0])
-    return np.ascontiguousarray(samples[:, :, :3])
-
-
-def _unfilter(filters: np.ndarray, filt: np.ndarray) -> np.ndarray:
-    """Undo PNG row filters.
-
-    Pixel (r, x) depends only on (r, x-1), (r-1, x) and (r-1, x-1), so every anti-diagonal
-    r + x = d can be reconstructed at once: h + w vectorised steps instead of h * w scalar ones.
-    """
-    h, w, bpp = filt.shape
-    out = np.zeros((h + 1, w + 1, bpp), dtype=np.int32)  # row 0 and column 0 are the zero border
-    for d in range(h + w - 1):
-        r = np.arange(max(0, d - w + 1), min(h, d + 1))
-        x = d - r
-        a = out[r + 1, x]       # left
-        b = out[r, x + 1]       # up
-        c = out[r, x]           # up-left
-        ft = filters[r][:, None]
-        p = a + b - c
-        pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-        pred = np.select([ft == 1, ft == 2, ft == 3, ft == 4], [a, b, (a + b) >> 1, paeth], 0)
-        out[r + 1, x + 1] = (filt[r, x] + pred) & 0xFF
-    return out[1:, 1:]
+    return np.ascontiguousarray(samples[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped

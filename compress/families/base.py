@@ -195,6 +195,10 @@ class ModelFamily:
         """SR in [-1, 1] for LR in [-1, 1], as training the tiny teacher calls it."""
         return teacher(lr)
 
+    def evaluate_needs(self, weights: Any) -> list[str]:
+        """What evaluating the full-size teacher the family's way needs beyond the teacher itself."""
+        return []
+
     def evaluate_teacher(self, teacher: nn.Module, lr01: torch.Tensor, options: Any = None) -> torch.Tensor:
         """SR in [0, 1] for LR in [0, 1] (B,3,h,w), as the family's own test script computes it."""
         return (teacher(lr01 * 2 - 1).float() + 1) / 2

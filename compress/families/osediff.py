@@ -187,6 +187,10 @@ class OSEDiffFamily(ModelFamily):
             emb = teacher.encode_prompt()  # the fixed empty prompt: a tiny teacher has no tagger weights
         return teacher(lr, emb.to(lr.device))
 
+    def evaluate_needs(self, weights: OSEDiffWeights) -> list[str]:
+        """``test_osediff.py`` prompts every image with its DAPE tags: without them it is another model."""
+        return self.prompt_needs(weights)
+
     @torch.no_grad()
     def evaluate_teacher(self, teacher: nn.Module, lr01: torch.Tensor, options: OSEDiffOptions | None = None
                          ) -> torch.Tensor:

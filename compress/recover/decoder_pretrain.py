@@ -272,12 +272,9 @@ def build_setup(models: DecoderModels, config: PretrainDecoderConfig, dataset: D
             terms = {"l1": (rec - hr).abs().mean()}
             if lpips_model is not None:
                 terms["lpips"] = ctx.frozen("lpips")(rec, hr).mean()
-            if use_adv:
-                if gan_on:
-                    with frozen_parameters(ctx.unwrap("discriminator")):
-                        terms["adv_g"] = generator_adv_loss(upcast(ctx.unwrap("discriminator")(rec)), config.adv_loss)
-                else:
-                    terms["adv_g"] = rec.new_zeros(())
+            if gan_on:  # before disc_start the term is not logged (missing in metrics.csv, not 0)
+                with frozen_parameters(ctx.unwrap("discriminator")):
+                    terms["adv_g"] = generator_adv_loss(upcast(ctx.unwrap("discriminator")(rec)), config.adv_loss)
         ctx.optimize("decoder", terms, weights)
         if gan_on:
             with ctx.autocast():

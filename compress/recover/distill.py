@@ -269,13 +269,10 @@ def build_setup(bundle: DistillBundle, config: DistillConfig, dataset: Dataset) 
                     raise AdcError(f"feature pair {p.name!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
                 terms[p.name] = loss_fns[p.name](s, t)
             fake = pick(adv_on, s_out, s_cap, "student") if use_adv else None
-            if use_adv:
-                if gan_on:
-                    d = ctx.unwrap("discriminator")
-                    with frozen_parameters(d):
-                        terms["adv_g"] = generator_adv_loss(upcast(call_disc(d, fake, inputs)), config.adv_loss)
-                else:
-                    terms["adv_g"] = upcast(fake.new_zeros(()))
+            if gan_on:  # before adv_start the term is not logged (missing in metrics.csv, not 0)
+                d = ctx.unwrap("discriminator")
+                with frozen_parameters(d):
+                    terms["adv_g"] = generator_adv_loss(upcast(call_disc(d, fake, inputs)), config.adv_loss)
         ctx.optimize("student", terms, weights)
         if gan_on:
             with ctx.autocast():

@@ -467,7 +467,9 @@ class MetricsLog:
 
 
 def plot_losses(csv_path: Path, png_path: Path, groups: dict[str, list[str]], title: str) -> Path | None:
-    """The loss curve: one panel per optimiser with its terms (log scale when all positive)."""
+    """The loss curves: one panel per optimiser, each term raw (faint) and smoothed (EMA over the
+    logged rows); a term is drawn only where it was computed (an adversarial term before its
+    discriminator starts is missing, not 0); log scale when every value is positive."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -477,19 +479,28 @@ def plot_losses(csv_path: Path, png_path: Path, groups: dict[str, list[str]], ti
     df = pd.read_csv(csv_path)
     if df.empty:
         return None
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (group, terms) in zip(axes[0], groups.items()):
-        for t in terms:
+        drawn = []
+        for i, t in enumerate(terms):
             s = df[["step", t]].dropna() if t in df else None
-            if s is not None and not s.empty:
-                ax.plot(s["step"], s[t], label=t, lw=1)
-        vals = df[[t for t in terms if t in df]].to_numpy(dtype=float)
-        if vals.size and np.nanmin(vals) > 0:
+            if s is None or s.empty:
+                continue
+            c = colors[i % len(colors)]
+            ax.plot(s["step"], s[t], lw=0.8, alpha=0.3, color=c)
+            span = max(2, len(s) // 20)
+            ax.plot(s["step"], s[t].ewm(span=span).mean(), lw=1.6, color=c, label=f"{t} (EMA, span {span})")
+            drawn.append(s[t].to_numpy(dtype=float))
+        if drawn and min(np.nanmin(v) for v in drawn) > 0:
             ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(f"{title}: {group}")
-        ax.legend(fontsize=8)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("loss (mean over the logged steps)")
+        ax.set_title(f"{group}")
+        if drawn:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: training losses")
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -34,6 +34,8 @@ def run_evaluate_needs(bundle, config: EvaluateConfig) -> list[str]:
     needs = [] if data.eval_lr and data.eval_hr else ["data.eval_lr and data.eval_hr (paired LR/HR folders)"]
     if "teacher" in config.methods:
         needs += bundle.teacher_needs()
+        if bundle.size == "full":
+            needs += bundle.family.evaluate_needs(bundle.weights)
     if "student" in config.methods and bundle.size == "full" and not bundle.has_trained_student():
         needs.append("a trained student (pretrain_decoder + distill must run first; a released student is "
                      "evaluated with python -m compress.sr + python -m compress.evaluate)")

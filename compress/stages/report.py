@@ -40,6 +40,17 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out + [""]
 
 
+def display_path(path: str | Path | None) -> str:
+    """A path as a report shows it: relative to the working directory when inside it (no machine paths)."""
+    if path is None:
+        return "-"
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 def _rel(path: str | None, root: Path) -> str | None:
     """A path for the report: artifact paths are already relative to the run directory."""
     if not path:
@@ -76,6 +87,12 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
                   f"details in `{_rel(a['report'], root)}`.", ""]
         rows = [[cls, _m(v["params"]), _g(v["macs"])] for cls, v in a["summary"].items() if v["params"] or v["macs"]]
         lines += _table(["class", "params", "MACs"], rows)
+        teacher = next((r for r in art.get("profile", {}).get("rows", []) if r["model"] == "teacher"), None)
+        total = a["summary"].get("total", {}).get("macs")
+        if teacher is not None and total is not None and total != teacher["macs_total"]:
+            lines += [f"These MACs ({_g(total)}) count the teacher as it runs here, LoRA adapters unmerged "
+                      f"({_g(teacher.get('macs_lora_unmerged', 0))} of them); the complexity table below counts it as "
+                      f"deployed, adapters merged into the weights ({_g(teacher['macs_total'])}).", ""]
 
     for stage in ("remove", "prune"):
         if stage in art:
@@ -118,7 +135,7 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
         e = art["evaluate"]
         lines += ["## Quality on held-out pairs" if _held_out(recipe.data) else
                   "## Quality on the eval pairs (NOT held out: they are also training images)", "",
-                  f"{e['n_images']} LR/HR pairs from `{recipe.data.eval_lr}`; PSNR/SSIM on Y (pyiqa-exact, no border "
+                  f"{e['n_images']} LR/HR pairs from `{display_path(recipe.data.eval_lr)}`; PSNR/SSIM on Y (pyiqa-exact, no border "
                   f"crop); {e['device']}, {e['dtype']}, LR {e['lr_size'][0]}x{e['lr_size'][1]} -> x{task.scale}.", ""]
         metrics = sorted({m for v in e["means"].values() for m in v})
         lines += _table(["method"] + metrics,
@@ -143,7 +160,7 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
                 lines.append(f"- {s}: {k} = {v}")
         lines.append("")
 
-    png = _plot(art, root / "report.png")
+    png = _plot(art, root / "report.png", f"{recipe.name}: teacher vs student")
     if png:
         lines += ["![summary](report.png)", ""]
     md = atomic_write_text(root / "report.md", "\n".join(lines))
@@ -166,7 +183,11 @@ def _held_out(data) -> bool:
     return True
 
 
-def _plot(art: dict, path: Path) -> Path | None:
+# One colour per method, in every panel of every adc figure.
+METHOD_COLORS = {"bicubic": "#8c8c8c", "teacher": "#1f77b4", "student": "#ff7f0e", "HR": "#2ca02c", "LR": "#9467bd"}
+
+
+def _plot(art: dict, path: Path, title: str) -> Path | None:
     """Bars: params and MACs (teacher vs student) and PSNR per method, when measured."""
     panels = []
     if "profile" in art:
@@ -183,12 +204,14 @@ def _plot(art: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (title, names, values) in zip(axes if len(panels) > 1 else [axes], panels):
-        ax.bar(names, values, color=["#888888", "#2a7ab0", "#d2691e"][: len(names)])
-        ax.set_title(title)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (label, names, values) in zip(axes if len(panels) > 1 else [axes], panels):
+        ax.bar(names, values, color=[METHOD_COLORS.get(n, "#333333") for n in names])
+        ax.set_title(label)
+        ax.set_ylabel(label)
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
