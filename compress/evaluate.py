@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from pathlib import Path
@@ -38,12 +37,13 @@ from PIL import Image, UnidentifiedImageError
 from .errors import AdcError
 from .metrics.images import list_images
 from .metrics.learned import LEARNED_METRICS
+from .log import get_logger
 
 if TYPE_CHECKING:
     import pandas as pd
 
 # torch and pandas are imported where needed: bad input is reported before paying for them.
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -188,8 +188,10 @@ def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
     learned_names = [n for n in names if n in LEARNED_METRICS]
     learned, unavailable = open_learned_metrics(learned_names, device=device)
 
+    from .log import progress
+
     rows = []
-    for sr_path, hr_path in pairs:
+    for sr_path, hr_path in progress(pairs, f"scoring {Path(sr_dir).name}", logger=logger):
         sr, hr = load_image(sr_path), load_image(hr_path)
         row: dict[str, object] = {"sr": sr_path.name, "hr": hr_path.name}
         for name in names:  # columns in the order asked for

@@ -11,8 +11,9 @@ overwritten). Commands run as subprocesses, like a user's, with the tiny random-
 
 Faults that need root (a full disk, a read-only file system) use small tmpfs mounts when
 ``mount`` works here, and say "simulated" where they fall back to the tests' monkeypatching.
-The runner's kill -9 / resume section is a placeholder function (:func:`section_runner`) for
-the runner's owner to fill in.
+The runner section kills ``compress.run`` (SIGKILL) at several points, damages the state a crash
+or a full disk leaves (torn ``DONE.json``, truncated checkpoint) and resumes, comparing the final
+weights with an uninterrupted run bit for bit.
 
 Tiling: ``upscale_to_png`` on a large LR mosaic of the RealSR samples with tiny AdcSR in a
 subprocess; peak RSS is the process's high-water mark (``ru_maxrss``, everything included).
@@ -88,7 +89,7 @@ def run_cli(module: str, args: list[str], timeout: int = 600) -> Outcome:
 
 
 def _outcome(rc: int, out: str, err: str, seconds: float) -> Outcome:
-    lines = [ln for ln in (err + "\n" + out).splitlines() if ln.strip()]
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", ln) for ln in (err + "\n" + out).splitlines() if ln.strip()]  # log time
     keys = ("error:", "interrupted", "skipped:", "warning:", "done:")
     picked = [ln for ln in lines if ln.startswith(keys) and "random weights" not in ln]
     line = " / ".join(picked[:2]) if picked else (lines[-1] if lines else "")
@@ -381,8 +382,8 @@ def section_yaml(ctx: Context) -> str:
     safe = yaml.safe_load("lr: 1e-4\nlatency: off\n")
     return ("## Recipe YAML (finding 7, parsing part)\n\n`compress.yaml_io.load_yaml` + `compress.config.from_dict` "
             "in process (exit 2 = an `AdcError`, as the CLIs report it). For comparison, `yaml.safe_load` reads "
-            f"`lr: 1e-4` as {safe['lr']!r} and `latency: off` as {safe['latency']!r}. Whether `compress.run` uses "
-            "these helpers depends on the wiring in `compress/recipe.py` (see the report's last section).\n\n"
+            f"`lr: 1e-4` as {safe['lr']!r} and `latency: off` as {safe['latency']!r}. `compress.run` reads recipes "
+            "and `--set` values through these helpers (`compress/recipe.py`).\n\n"
             + _table(rows))
 
 
@@ -543,16 +544,107 @@ def measure_tiling(lr_size: str, model_tiles: int, tile: int, batch: int, work: 
     return result
 
 
-def section_runner(ctx: Context) -> str:
-    """PLACEHOLDER for the runner's owner: kill -9 points of ``compress.run`` and the resume result.
+RUNNER_RECIPE = """
+name: killed
+seed: 0
+device: cpu
+threads: 1
+models: {{family: osediff, size: tiny}}
+task: {{lr_size: 32}}
+data: {{train_hr: [{hr}]}}
+stages:
+  - remove: {{init: teacher}}
+  - prune: {{}}
+  - distill: {{crop: 64, prompt: empty, adv_weight: 0.1, adv_start: 3,
+              engine: {{max_steps: 8, batch_size: 2, checkpoint_every: 2, keep_checkpoints: 2}}}}
+"""
 
-    To fill in: run a short recipe, SIGKILL it at chosen points (mid-stage, during a checkpoint
-    write, after DONE.json, ...), truncate DONE.json / the latest checkpoint, ``--resume``, and
-    compare the final weights bit for bit with an uninterrupted run; one table row per point.
-    """
-    return ("## compress.run: kill -9 points and resume (finding 1, 8)\n\n"
-            "_Placeholder: this section is added by the runner's owner after the pipeline refactor "
-            "(`section_runner` in `profiling/bench_reliability.py`)._\n")
+
+def _student(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {part: load_file(str(run / "02-distill" / "student" / part / "weights.safetensors"))
+            for part in ("unet", "decoder")}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(a[p].keys() == b[p].keys() and all(bool((a[p][k] == b[p][k]).all()) for k in a[p]) for p in a)
+
+
+def section_runner(ctx: Context) -> str:
+    """kill -9 of ``compress.run`` at several points (and the states a crash or a full disk leaves),
+    then ``--resume``: exit code, and whether the final student equals an uninterrupted run's, bit for bit."""
+    import shutil
+
+    recipe = ctx.work / "runner.yaml"
+    recipe.write_text(RUNNER_RECIPE.format(hr=SAMPLES / "HR"))
+    straight = ctx.work / "runner-straight"
+    shutil.rmtree(straight, ignore_errors=True)
+    o = run_cli("compress.run", [str(recipe), "--out", str(straight)])
+    if o.rc != 0:
+        return f"## compress.run: kill -9 points and resume\n\nthe uninterrupted run failed: `{o.line}`\n"
+    ref = _student(straight)
+
+    def killed_at(name: str, ready: Callable[[Path], bool]) -> Path:
+        run = ctx.work / f"runner-{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        proc = subprocess.Popen([sys.executable, "-m", "compress.run", str(recipe), "--out", str(run)], cwd=REPO,
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while not ready(run) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return run
+
+    def copy_of_straight(name: str) -> Path:
+        run = ctx.work / f"runner-{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(straight, run)
+        return run
+
+    ckpt = lambda run, n: list(run.glob("02-distill/checkpoints/step-*/trainer_state.json"))  # noqa: E731
+    cases: list[tuple[str, str, Path]] = []
+    cases.append(("kill -9 in the middle of prune", "SIGKILL once prune has started",
+                  killed_at("prune", lambda r: (r / "01-prune").is_dir())))
+    cases.append(("kill -9 mid-distill", "SIGKILL after distill's first checkpoint (step 2 of 8)",
+                  killed_at("mid", lambda r: bool(ckpt(r, 1)))))
+    run = killed_at("ckpt", lambda r: bool(list(r.glob("02-distill/checkpoints/.tmp-*"))))
+    cases.append(("kill -9 while a checkpoint is written", "SIGKILL as soon as a `.tmp-step-*` folder appears", run))
+    run = copy_of_straight("done")
+    (run / "02-distill" / "DONE.json").unlink()
+    cases.append(("after the last checkpoint, before DONE.json", "the finished run with distill's DONE.json removed", run))
+    run = copy_of_straight("torn-done")
+    done = run / "02-distill" / "DONE.json"
+    done.write_text(done.read_text()[:40])
+    cases.append(("a torn DONE.json", "distill's DONE.json cut to 40 bytes", run))
+    run = killed_at("torn-ckpt", lambda r: len(ckpt(r, 2)) >= 2)
+    newest = max(run.glob("02-distill/checkpoints/step-*"), key=lambda p: p.name)
+    for f in newest.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:1000])
+    cases.append(("a truncated newest checkpoint (full disk, cut copy)",
+                  "SIGKILL after 2 checkpoints, then the newest one's weights cut to 1000 bytes", run))
+    rows = []
+    for case, tried, run in cases:
+        o = run_cli("compress.run", [str(recipe), "--out", str(run), "--resume"])
+        same = o.rc == 0 and _same(_student(run), ref)
+        rows.append(_row(case, tried + "; then `--resume`", o, 0, same,
+                         "final student identical to the uninterrupted run's" if same else "final student differs"))
+    intr = ctx.work / "runner-sigint"
+    shutil.rmtree(intr, ignore_errors=True)
+    proc = subprocess.Popen([sys.executable, "-m", "compress.run", str(recipe), "--out", str(intr)], cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (intr / "01-prune").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate()
+    rows.append(_row("Ctrl-C (SIGINT) during a run", "SIGINT once prune has started", _outcome(proc.returncode, out, err, 0),
+                     130, note="finished stages kept"))
+    return ("## compress.run: kill -9 points and resume (findings 1, 8)\n\n"
+            "A tiny recipe (remove -> prune -> distill, 8 steps, a checkpoint every 2) killed or damaged at each "
+            "point, then resumed with `--resume`; the final student's weights (`02-distill/student/`) are compared "
+            "bit for bit with an uninterrupted run's.\n\n" + _table(rows))
 
 
 SECTIONS: dict[str, Callable[[Context], str]] = {
@@ -564,6 +656,27 @@ SECTIONS: dict[str, Callable[[Context], str]] = {
     "tiling": section_tiling,
     "runner": section_runner,
 }
+
+
+def _heading_key(heading: str) -> str:
+    return heading.split(" (")[0].strip()
+
+
+def merge_sections(report: str, parts: list[str]) -> str:
+    """``report`` with each of ``parts`` (a ``## `` section) in place of the section of the same title
+    (the text before any parenthesis), or appended when the report has none."""
+    import re as _re
+
+    chunks = _re.split(r"(?m)^(?=## )", report)
+    for part in parts:
+        key = _heading_key(part.splitlines()[0])
+        for i, chunk in enumerate(chunks):
+            if chunk.startswith("## ") and _heading_key(chunk.splitlines()[0]) == key:
+                chunks[i] = part.rstrip("\n") + "\n\n"
+                break
+        else:
+            chunks.append(part.rstrip("\n") + "\n")
+    return "".join(chunks).rstrip("\n") + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -605,7 +718,18 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"- note: {n}" for n in ctx.notes]
     from compress.io import atomic_write_text
 
-    atomic_write_text(args.out, "\n".join(head + notes + ([""] if notes else [])) + "\n" + "\n".join(parts))
+    if len(names) < len(SECTIONS) and args.out.exists():
+        # A partial run re-measures its sections inside the existing report; the others stay as they were.
+        old = args.out.read_text()
+        head[2] = (head[2].split(" in ")[0].replace("Made by", "Sections re-measured by") +
+                   f" in {time.perf_counter() - t0:.0f} s; the rest by the full command.")
+        text = merge_sections(old, parts)
+        lines = text.split("\n")
+        first_section = next((i for i, ln in enumerate(lines) if ln.startswith("## ")), len(lines))
+        kept_head = [ln for ln in lines[:first_section] if not ln.startswith("Sections re-measured by")]
+        atomic_write_text(args.out, "\n".join(kept_head[:3] + [head[2]] + kept_head[3:] + lines[first_section:]))
+    else:
+        atomic_write_text(args.out, "\n".join(head + notes + ([""] if notes else [])) + "\n" + "\n".join(parts))
     print(f"wrote {args.out}")
     return 0
 

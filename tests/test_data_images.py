@@ -128,7 +128,7 @@ def test_unreadable_files_raise_with_path(tmp_path):
         read_image(tmp_path / "c16_bad.png")
 
 
-def test_crop_dataset_skips_unreadable_once_and_counts(tmp_path, caplog):
+def test_crop_dataset_skips_unreadable_once_and_counts(tmp_path):
     rng = np.random.default_rng(1)
     for name in ("a.png", "c.png"):
         _save(tmp_path / name, rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
@@ -136,13 +136,20 @@ def test_crop_dataset_skips_unreadable_once_and_counts(tmp_path, caplog):
     (tmp_path / "d.jpg").write_text("nope")
     ds = HRCropDataset(tmp_path, crop=32, seed=0)
     assert len(ds) == 4
-    with caplog.at_level(logging.WARNING, logger="compress.data.images"):
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("adc.data.images")
+    logger.addHandler(handler)
+    try:
         for _ in range(2):
             for i in range(len(ds)):
                 item = ds[i]
                 assert item.shape == (3, 32, 32) and 0 <= item.min() and item.max() <= 1
+    finally:
+        logger.removeHandler(handler)
     assert ds.skipped_count == 2
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in records]
     assert len(lines) == 2 and all("\n" not in m for m in lines)
     assert any("b.png" in m for m in lines) and any("d.jpg" in m for m in lines)
 
@@ -153,8 +160,9 @@ def test_crop_dataset_skips_unreadable_once_and_counts(tmp_path, caplog):
 def test_small_odd_image_is_reflect_padded_to_crop(tmp_path):
     img = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     _save(tmp_path / "small.png", img)
+    _save(tmp_path / "z_big.png", np.zeros((80, 80, 3), np.uint8))  # one image fits: the crop is allowed
     ds = HRCropDataset(tmp_path, crop=64, hflip=False, seed=3)
-    out = ds[0]
+    out = ds[0]  # small.png (sorted first)
     assert out.shape == (3, 64, 64) and out.dtype == torch.float32
     src = torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)
     assert torch.equal(out[:, :37, :53], src)            # pad only at the bottom/right, crop at 0
@@ -234,3 +242,16 @@ def test_realsr_pairs():
     assert item["lr"].shape == (3, 128, 128) and item["hr"].shape == (3, 512, 512)
     assert item["name"] == ds.hr_paths[0].stem
     assert [p.name for p in ds.lr_paths] == [p.name for p in ds.hr_paths]
+
+
+def test_a_crop_larger_than_every_training_image_is_refused(tmp_path):
+    from compress.data import HRCropDataset
+    from compress.errors import AdcError
+
+    from PIL import Image
+
+    for i, side in enumerate((40, 64)):
+        Image.new("RGB", (side, side + 8)).save(tmp_path / f"{i}.png")
+    with pytest.raises(AdcError, match=r"crop 128 is larger than every image measured \(the largest short side is 64"):
+        HRCropDataset(tmp_path, crop=128)
+    assert len(HRCropDataset(tmp_path, crop=48)) == 2  # one smaller image is padded, as AdcSR does

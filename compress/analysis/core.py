@@ -39,9 +39,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import AdcError
+from ..log import get_logger
 from .dataflow import Trace, trace
 from .facts import CONSTANT, DROPPED, PROMPT, VARIABLE, TaskFacts
 from .groups import PrunableGroup, dependency_groups, reduce_spatial, reduced_example, reduced_inputs
+
+log = get_logger("analysis")
 
 CLASSES = ("removable", "foldable", "prunable", "keep")
 _ADD_OPS = {"add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "sub_", "__isub__"}
@@ -330,6 +333,7 @@ def analyse(bundle: Any, facts: TaskFacts | None = None, example_inputs: Any = N
         raise AdcError(f"analyse: {type(bundle).__name__} forward failed while tracing: {first[:200]}") from exc
     tr = result["trace"]
     timings["trace_and_macs_s"] = time.perf_counter() - t0
+    log.info(f"analyse {model or type(bundle).__name__}: traced and counted in {timings['trace_and_macs_s']:.1f} s")
     traced_on = "meta" if (device == "meta" and not mac_notes) else str(_device_of(bundle))
 
     c = _Classifier(bundle, comps, facts, tr, report, model or type(bundle).__name__)
@@ -342,6 +346,8 @@ def analyse(bundle: Any, facts: TaskFacts | None = None, example_inputs: Any = N
     on_dev = pytree.tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, inputs)
     groups, builds, graphs = c.prune(on_dev, min_side) if prune else ([], [], {})
     timings["pruning_groups_s"] = time.perf_counter() - t0
+    if prune:
+        log.info(f"analyse {c.model}: {len(groups)} pruning groups in {timings['pruning_groups_s']:.1f} s")
     rows = c.rows(groups)
     _apply_keep(rows, list(keep), c.notes)
     info = {

@@ -15,7 +15,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import AdcError
+from ..log import get_logger
 from .images import SkippedImages, list_images, read_image, to_chw_tensor, try_read_image
+
+logger = get_logger(__name__)
 
 
 def _item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -69,6 +72,35 @@ class HRCropDataset(Dataset):
         self.length = None if length is None else int(length)
         self.epoch = 0
         self.skipped = SkippedImages()
+        self._check_crop()
+
+    def _check_crop(self, sample: int = 64) -> None:
+        """A crop larger than every image would train on reflection padding alone: refuse it.
+
+        Images smaller than the crop are padded by reflection, as AdcSR's loader does; that is
+        logged. Up to ``sample`` evenly spaced files are measured (headers only).
+        """
+        from PIL import Image
+
+        picks = self.paths[:: max(1, len(self.paths) // sample)][:sample]
+        sides = []
+        for p in picks:
+            try:
+                with Image.open(p) as im:
+                    sides.append((min(im.size), p))
+            except Exception:  # noqa: BLE001 - an unreadable file is reported when it is read
+                continue
+        if not sides:
+            return
+        largest = max(sides)[0]
+        if largest < self.crop:
+            raise AdcError(f"{self.root}: crop {self.crop} is larger than every image measured (the largest short "
+                           f"side is {largest} px, {max(sides)[1].name}); a crop must fit the training images, "
+                           "choose crop <= that side")
+        small = sum(1 for side, _ in sides if side < self.crop)
+        if small:
+            logger.warning(f"{self.root}: {small} of {len(sides)} images measured are smaller than the crop "
+                           f"{self.crop}: they are padded by reflection (as AdcSR's loader does)")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the crops of ``epoch``; call before each epoch (and after resuming)."""

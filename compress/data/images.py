@@ -12,7 +12,6 @@ OpenCV (``cv2.imread(..., IMREAD_UNCHANGED)``, libpng underneath), which keeps t
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -21,8 +20,9 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import AdcError
+from ..log import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 

@@ -191,8 +191,9 @@ class ModelFamily:
         """The module ``train_teacher`` trains and checkpoints (default: the teacher itself)."""
         yield teacher
 
-    def teacher_forward(self, teacher: nn.Module, lr: torch.Tensor) -> torch.Tensor:
-        """SR in [-1, 1] for LR in [-1, 1], as training the tiny teacher calls it."""
+    def teacher_forward(self, teacher: nn.Module, lr: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """SR in [-1, 1] for LR in [-1, 1]: ``train=True`` as training the tiny teacher calls it (a
+        family may sample there, as its training script does), else deterministic (for measuring)."""
         return teacher(lr)
 
     def evaluate_needs(self, weights: Any) -> list[str]:

@@ -182,10 +182,12 @@ class OSEDiffFamily(ModelFamily):
                   for p in m.parameters()}
         return [p for p in teacher.parameters() if id(p) not in frozen]
 
-    def teacher_forward(self, teacher: nn.Module, lr: torch.Tensor) -> torch.Tensor:
+    def teacher_forward(self, teacher: nn.Module, lr: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Training samples the LR latent (OSEDiff's ``latent_dist.sample()``), so the encoder learns a
+        variance that ``test_osediff.py``'s sampled latent can live with; measuring uses the mode."""
         with torch.no_grad():
             emb = teacher.encode_prompt()  # the fixed empty prompt: a tiny teacher has no tagger weights
-        return teacher(lr, emb.to(lr.device))
+        return teacher(lr, emb.to(lr.device), sample=train)
 
     def evaluate_needs(self, weights: OSEDiffWeights) -> list[str]:
         """``test_osediff.py`` prompts every image with its DAPE tags: without them it is another model."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -28,11 +27,12 @@ from .color import ChannelStats, ColorMap
 from .padding import model_pad_multiple, reflect_index
 from .precision import Precision, resolve_precision
 from .tiling import BandStitcher, TileGrid
+from ..log import get_logger
 
 if TYPE_CHECKING:
     import numpy as np
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 Log = Callable[[str], None]
 
 

@@ -56,6 +56,7 @@ def _save_png(img01: torch.Tensor, path: Path) -> None:
 def run_evaluate(bundle, config: EvaluateConfig, stage_dir: Path) -> dict[str, Any]:
     from ..data import PairedFolderDataset
     from ..evaluate import evaluate_folders, summarize
+    from ..log import progress
 
     data = bundle.recipe.data
     pairs = PairedFolderDataset(data.eval_lr, data.eval_hr, scale=bundle.recipe.task.scale)
@@ -73,12 +74,15 @@ def run_evaluate(bundle, config: EvaluateConfig, stage_dir: Path) -> dict[str, A
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     tables = []
+    names = []
     for i in range(min(limit, len(pairs))):
         item = pairs[i]
+        names.append(item["name"])
         _save_png(item["hr"], hr_dir / f"{item['name']}.png")
+        _save_png(item["lr"], stage_dir / "LR" / f"{item['name']}.png")  # beside HR, for the report's image grid
     for method in config.methods:
         out_dir = stage_dir / method
-        for i in range(min(limit, len(pairs))):
+        for i in progress(range(len(names)), f"evaluate {method}"):
             item = pairs[i]
             lr = item["lr"].unsqueeze(0).to(device)
             if method == "bicubic":
@@ -103,5 +107,11 @@ def run_evaluate(bundle, config: EvaluateConfig, stage_dir: Path) -> dict[str, A
         per_image.to_csv(tmp, index=False, float_format="%.6f")
     for metric, why in skipped.items():
         bundle.note(f"evaluate: {metric} not computed: {why}")
-    return {"n_images": min(limit, len(pairs)), "means": results, "skipped_metrics": skipped, "per_image": bundle.rel(stage_dir / "per_image.csv"),
+    fidelity = None
+    if "teacher" in config.methods and "student" in config.methods:
+        # How much of the teacher the student keeps: its SR scored against the teacher's SR, not HR.
+        frame = evaluate_folders(stage_dir / "student", stage_dir / "teacher", metrics=["psnr"])
+        fidelity = {"psnr_student_vs_teacher": float(frame["psnr"].mean())}
+    return {"n_images": len(names), "means": results, "student_vs_teacher": fidelity, "names": names, "folders": {m: bundle.rel(stage_dir / m) for m in config.methods},
+            "hr_folder": bundle.rel(hr_dir), "lr_folder": bundle.rel(stage_dir / "LR"), "skipped_metrics": skipped, "per_image": bundle.rel(stage_dir / "per_image.csv"),
             "device": str(device), "dtype": "fp32", "lr_size": list(item["lr"].shape[-2:])}

@@ -18,6 +18,9 @@ from typing import Any, Literal
 import torch
 
 from ..errors import AdcError
+from ..log import get_logger
+
+log = get_logger("profile")
 
 COUNTER = "torch.utils.flop_counter.FlopCounterMode on meta (MACs = FLOPs/2)"
 
@@ -82,8 +85,9 @@ def run_profile(bundle, config: ProfileConfig, stage_dir: Path) -> dict[str, Any
             raise AdcError("profile.latency: the student has no weights (a structure-only run); set latency: off")
         lr_real = (torch.rand(1, 3, lr_size, lr_size, generator=torch.Generator().manual_seed(0)) * 2 - 1)
         reports: dict[str, list] = {}
-        for _ in range(2):  # alternate, so both see the same machine load
+        for round_ in range(2):  # alternate, so both see the same machine load
             for name, model in (("teacher", teacher), ("student", student)):
+                log.info(f"profile: latency round {round_ + 1}/2, {name} ({config.repeats} repeats on {device})")
                 r = measure_latency(model, device=device, args=(lr_real,), warmup=config.warmup,
                                     repeats=config.repeats, dtype=None if config.dtype == "fp32" else config.dtype,
                                     autocast=config.dtype != "fp32")

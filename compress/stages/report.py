@@ -1,8 +1,8 @@
-"""``report``: one ``report.md`` (+ ``report.csv``, ``report.png``) in the run directory.
+"""``report``: one ``report.md`` (+ ``report.csv``, ``report.png``, ``report_images.png``) in the run directory.
 
 It only reads what earlier stages recorded in their ``DONE.json`` artifacts: what the analysis
 classified, what remove/prune changed, params/MACs/latency of teacher vs student, quality on
-held-out pairs, the training curves, and which stages were skipped for want of weights.
+held-out pairs (with LR/bicubic/teacher/student/HR crops side by side), the training curves, and which stages were skipped for want of weights.
 """
 
 from __future__ import annotations
@@ -140,6 +140,21 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
         metrics = sorted({m for v in e["means"].values() for m in v})
         lines += _table(["method"] + metrics,
                         [[method] + [f"{vals.get(m, float('nan')):.4f}" for m in metrics] for method, vals in e["means"].items()])
+        fidelity = (e.get("student_vs_teacher") or {}).get("psnr_student_vs_teacher")
+        if fidelity is not None:
+            lines += [f"Student SR against teacher SR (not HR): PSNR-Y {fidelity:.2f} dB, how much of the teacher "
+                      "the student keeps.", ""]
+            csv_rows.append({"section": "quality", "item": "student_vs_teacher", "metric": "psnr", "value": fidelity,
+                             "device": e["device"], "dtype": e["dtype"],
+                             "resolution": f"{e['lr_size'][0]}->x{task.scale}", "counter": "pyiqa-exact Y"})
+        if e.get("folders") and e.get("lr_folder"):
+            from .image_grid import write_image_grid
+
+            columns = {m: bundle.resolve(f) for m, f in e["folders"].items()}
+            grid = write_image_grid(columns, bundle.resolve(e["lr_folder"]), bundle.resolve(e["hr_folder"]),
+                                    e["names"], task.scale, root / "report_images.png")
+            if grid:
+                lines += ["![LR, each method and HR on the same crops](report_images.png)", ""]
         for method, vals in e["means"].items():
             for m, v in vals.items():
                 csv_rows.append({"section": "quality", "item": method, "metric": m, "value": v, "device": e["device"],

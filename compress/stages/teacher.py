@@ -60,7 +60,7 @@ def train_teacher(family, teacher, train_hr: list[Path], degradation, config: Tr
         lr_img = torch.cat([degrade(hr[i:i + 1], seed=item_seed(seed, int(e), int(j)))
                             for i, (e, j) in enumerate(zip(batch["epoch"], batch["index"]))])
         with ctx.autocast():
-            sr = family.teacher_forward(ctx.model("teacher"), lr_img * 2 - 1)
+            sr = family.teacher_forward(ctx.model("teacher"), lr_img * 2 - 1, train=True)
             loss = (sr.float() - (hr * 2 - 1)).abs().mean()
         ctx.optimize("teacher", {"l1": loss})
 
