@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import AdcError
 from .color import match_color_
+from .fp16 import keep_fp32
 from .padding import model_pad_multiple, reflect_pad_to_multiple
 from .precision import Precision, resolve_precision
 from .tiling import Stitcher, TileGrid
@@ -108,7 +109,7 @@ def _run_grid(model: nn.Module, lr: torch.Tensor, grid: TileGrid, batch: int, pr
 def upscale(model: nn.Module, lr: torch.Tensor, tile: int | None = None, overlap: int = 32,
             dtype: str | torch.dtype | Precision | None = "fp32", device: str | torch.device | None = None, *,
             batch: int = 4, color_fix: bool | None = None, clamp: bool = True, progress: bool = False,
-            log: Log | None = None, name: str = "image") -> torch.Tensor:
+            log: Log | None = None, name: str = "image", fp32_blocks: Sequence[str] | None = None) -> torch.Tensor:
     """Super-resolve ``lr`` in [0, 1] ((3,h,w) or (B,3,h,w), any h, w) -> SR in [0, 1] (fp32, on ``lr``'s device).
 
     ``tile``: LR tile side in px (rounded down to the model's multiple), ``None`` or 0 = one pass;
@@ -118,7 +119,8 @@ def upscale(model: nn.Module, lr: torch.Tensor, tile: int | None = None, overlap
     (default: where its weights are; the model is moved there otherwise). ``color_fix``: apply
     AdcSR's colour match once over the whole image (default: the model's own ``color_fix``).
     The stitched image lives on ``lr``'s device, so a huge output can stay in CPU memory while
-    tiles run on a GPU.
+    tiles run on a GPU. ``fp32_blocks``: submodules that run in fp32 when the precision is fp16
+    (their activations leave fp16's range; :func:`compress.inference.fp16.calibrate` finds them).
     """
     log = log or logger.warning
     if not isinstance(lr, torch.Tensor) or lr.dim() not in (3, 4) or lr.shape[-3] != 3 or not lr.is_floating_point():
@@ -144,7 +146,8 @@ def upscale(model: nn.Module, lr: torch.Tensor, tile: int | None = None, overlap
     fix = bool(getattr(model, "color_fix", False)) if color_fix is None else bool(color_fix)
 
     results = []
-    with torch.no_grad(), color_fix_off(model):  # not inference_mode: callers may edit the result in place
+    guard = keep_fp32(model, fp32_blocks) if fp32_blocks and prec.name == "fp16" else contextlib.nullcontext()
+    with torch.no_grad(), color_fix_off(model), guard:  # not inference_mode: callers may edit the result in place
         for b in range(lr.shape[0]):
             where = name if lr.shape[0] == 1 else f"{name}[{b}]"
             x = lr[b:b + 1].float() * 2 - 1
