@@ -1,7 +1,7 @@
 """CPU latency of the AdcSR student per runtime, against the official code, from one run -> reports/deploy.md.
 
     python profiling/bench_deploy.py --size full --lr-size 128 --threads 2 --rounds 5 \\
-        [--official-repo /path/to/AdcSR] [--variants eager,compile,channels_last,onnxruntime] [--out reports]
+        [--official-repo /path/to/AdcSR] [--variants onnxruntime,compile,channels_last] [--out reports]
 
 Why this way:
 
@@ -15,9 +15,9 @@ Why this way:
   warm-up call each; ratios are of medians over the same rounds, so load from other jobs on a
   shared machine hits every runtime alike. Each call is timed by
   :func:`compress.profile.latency.measure_latency` (``perf_counter``).
-* At most two full-size weight copies at once: phase 1 runs the official code, eager torch,
-  ``torch.compile`` (same weights) and onnxruntime (its own copy); phase 2 frees onnxruntime and
-  runs a channels_last copy, again beside the official code and eager torch.
+* One phase per runtime (onnxruntime, ``torch.compile`` with inductor freezing, channels_last), each
+  interleaved with the official code and eager torch, then freed: at most two full-size weight
+  copies in memory at once (the model, and the runtime's own copy).
 * Outputs: every runtime's max abs difference to eager torch (and the official code's) on the
   timed input; the ONNX and ``.pt2`` exports' own parity records at full size.
 """
@@ -29,6 +29,7 @@ import contextlib
 import copy
 import gc
 import importlib.util
+import os
 import platform
 import shlex
 import statistics
@@ -52,7 +53,7 @@ from compress.profile.latency import device_name, measure_latency
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "official_adcsr_reference.py"
-VARIANTS = ("eager", "compile", "channels_last", "onnxruntime")
+VARIANTS = ("onnxruntime", "compile", "channels_last")
 
 
 # ----------------------------------------------------------------------------- the official code
@@ -116,18 +117,19 @@ def official_reference(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch
 
 
 @dataclass
-class Row:
+class Phase:
+    """One runtime timed in rounds interleaved with the official code and eager torch."""
+
     name: str
-    phase: int
-    times_ms: list[float] = field(default_factory=list)
+    times_ms: dict[str, list[float]] = field(default_factory=dict)
     max_abs_vs_eager: float | None = None
     max_abs_vs_official: float | None = None
     setup_s: float | None = None
     note: str = ""
+    load: tuple[float, float] | None = None  # 1-min load average at the start and end of the rounds
 
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.times_ms)
+    def median(self, who: str) -> float:
+        return statistics.median(self.times_ms[who])
 
 
 def _time_once(fn: Callable[[], Any]) -> float:
@@ -154,11 +156,19 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 @dataclass
 class BenchResult:
     options: argparse.Namespace
-    rows: list[Row]
+    phases: list[Phase]
     official_label: str
+    official_vs_eager: float
     exports: list[dict[str, Any]]
     command: str
     started: str
@@ -166,9 +176,40 @@ class BenchResult:
     device: str
 
 
+def _setup(name: str, model: nn.Module, lr: torch.Tensor, o: argparse.Namespace, tmp: Path, exports: list,
+           log) -> tuple[Callable[[], torch.Tensor], str, Callable[[], None]]:
+    """(the runtime's call, a note, its teardown) for one variant."""
+    if name == "onnxruntime":
+        from compress.deploy.export import export_model
+        from compress.deploy.runtime import load_exported
+
+        log(f"ONNX export ({o.onnx_exporter} exporter, static {o.lr_size}x{o.lr_size}, colour fix inside) ...")
+        res = export_model(model, tmp / "adcsr.onnx", "onnx", o.lr_size, False, "inside", exporter=o.onnx_exporter,
+                           source=f"zoo:adcsr ({o.size}, seed 0)", check=True, log=log)
+        exports.append(res.record)
+        ort_model = load_exported(res.path, "cpu", o.threads)
+        note = (f"onnxruntime {_ort_version()}, CPUExecutionProvider, ORT_ENABLE_ALL, {o.threads} intra-op threads; "
+                f"graph from the {o.onnx_exporter} exporter; setup = export + parity check + session")
+        return (lambda: ort_model(lr)), note, (lambda: res.path.unlink())
+    if name == "compile":
+        import torch._inductor.config as inductor_config
+
+        log(f"torch.compile (inductor, freezing {'on' if o.freezing else 'off'}) ...")
+        with _inductor_freezing(inductor_config, o.freezing):
+            compiled = torch.compile(model)
+            with torch.inference_mode():
+                compiled(lr)
+        note = (f"inductor, freezing {'on (weights constant-folded and prepacked)' if o.freezing else 'off'}; "
+                "setup = compile + first call")
+        return (lambda: compiled(lr)), note, torch._dynamo.reset
+    if name == "channels_last":
+        cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        lr_cl = lr.contiguous(memory_format=torch.channels_last)
+        return (lambda: cl(lr_cl)), "a copy of the model, and the input, in channels_last", (lambda: None)
+    raise AdcError(f"unknown variant {name!r}")
+
+
 def run_bench(o: argparse.Namespace, command: str, log=lambda s: None) -> BenchResult:
-    from compress.deploy.export import export_model
-    from compress.deploy.runtime import load_exported
     from compress.zoo.adcsr import build_adcsr
 
     t_start = time.perf_counter()
@@ -182,72 +223,42 @@ def run_bench(o: argparse.Namespace, command: str, log=lambda s: None) -> BenchR
     with torch.inference_mode():
         ref_eager = model(lr)
         ref_official = official(lr)
-    rows: dict[str, Row] = {"official": Row("official", 1), "eager": Row("eager", 1)}
-    rows["official"].max_abs_vs_eager = _max_abs(ref_official, ref_eager)
     exports: list[dict[str, Any]] = []
-
-    def add(name: str, phase: int, fn: Callable[[], torch.Tensor], setup_s: float | None, note: str = "") -> None:
-        with torch.inference_mode():
-            out = fn()
-        rows[name] = Row(name, phase, setup_s=setup_s, note=note, max_abs_vs_eager=_max_abs(out, ref_eager),
-                         max_abs_vs_official=_max_abs(out, ref_official))
-
-    calls: dict[str, Callable[[], Any]] = {"official": lambda: official(lr), "eager": lambda: model(lr)}
+    phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="adc-bench-deploy-", dir=o.tmp) as tmp:
-        if "compile" in o.variants:
-            import torch._inductor.config as inductor_config
-
-            log("torch.compile (inductor, freezing on: weights constant-folded and prepacked) ...")
-            t0 = time.perf_counter()
-            with _inductor_freezing(inductor_config, o.freezing):
-                compiled = torch.compile(model)
-                with torch.inference_mode():
-                    compiled(lr)
-            add("compile", 1, lambda: compiled(lr), time.perf_counter() - t0,
-                f"inductor, freezing={'on' if o.freezing else 'off'}; setup = compile + first call")
-            calls["compile"] = lambda: compiled(lr)
-        if "onnxruntime" in o.variants:
-            log(f"ONNX export ({o.onnx_exporter} exporter, static {o.lr_size}x{o.lr_size}, colour fix inside) ...")
-            t0 = time.perf_counter()
-            res = export_model(model, Path(tmp) / "adcsr.onnx", "onnx", o.lr_size, False, "inside",
-                               exporter=o.onnx_exporter, source=f"zoo:adcsr ({o.size}, seed 0)", check=True, log=log)
-            exports.append(res.record)
-            ort_model = load_exported(res.path, "cpu", o.threads)
-            add("onnxruntime", 1, lambda: ort_model(lr), time.perf_counter() - t0,
-                f"onnxruntime {_ort_version()}, CPUExecutionProvider, ORT_ENABLE_ALL, {o.threads} intra-op threads; "
-                "setup = export + parity check + session")
-            calls["onnxruntime"] = lambda: ort_model(lr)
         if "torch-export" in o.exports:
-            log("torch.export (.pt2) for the full-size parity record ...")
-            res = export_model(model, Path(tmp) / "adcsr.pt2", "torch-export", o.lr_size, False, "inside",
-                               source=f"zoo:adcsr ({o.size}, seed 0)", check=True, log=log)
+            log("torch.export (.pt2), for its full-size parity record ...")
+            res = export_model_pt2(model, Path(tmp) / "adcsr.pt2", o, log)
             exports.append(res.record)
+            res.path.unlink()
             gc.collect()
-        log(f"phase 1: {', '.join(calls)} x {o.rounds} rounds")
-        for name, ts in _interleave(calls, o.rounds, log).items():
-            rows[name].times_ms = ts
-        calls.pop("compile", None)
-        calls.pop("onnxruntime", None)
-        with contextlib.suppress(NameError):
-            del compiled
-        with contextlib.suppress(NameError):
-            del ort_model
-        gc.collect()
-        torch._dynamo.reset()
+        for name in (v for v in o.variants if v != "eager"):
+            t0 = time.perf_counter()
+            call, note, teardown = _setup(name, model, lr, o, Path(tmp), exports, log)
+            with torch.inference_mode():
+                out = call()
+            ph = Phase(name, setup_s=time.perf_counter() - t0, note=note, max_abs_vs_eager=_max_abs(out, ref_eager),
+                       max_abs_vs_official=_max_abs(out, ref_official))
+            del out
+            log(f"{name}: {', '.join(['official', 'eager', name])} x {o.rounds} rounds "
+                f"(max abs vs eager {ph.max_abs_vs_eager:.1e})")
+            start_load = _load()
+            ph.times_ms = _interleave({"official": lambda: official(lr), "eager": lambda: model(lr), name: call},
+                                      o.rounds, log)
+            ph.load = (start_load, _load())
+            phases.append(ph)
+            del call
+            teardown()
+            gc.collect()
+    return BenchResult(o, phases, label, _max_abs(ref_official, ref_eager), exports, command, started,
+                       time.perf_counter() - t_start, device_name("cpu"))
 
-    if "channels_last" in o.variants:
-        cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        lr_cl = lr.contiguous(memory_format=torch.channels_last)
-        add("channels_last", 2, lambda: cl(lr_cl), None, "a copy of the model and the input in channels_last")
-        calls = {"official": lambda: official(lr), "eager": lambda: model(lr), "channels_last": lambda: cl(lr_cl)}
-        log(f"phase 2: {', '.join(calls)} x {o.rounds} rounds")
-        times = _interleave(calls, o.rounds, log)
-        rows["channels_last"].times_ms = times["channels_last"]
-        rows["official (phase 2)"] = Row("official (phase 2)", 2, times["official"])
-        rows["eager (phase 2)"] = Row("eager (phase 2)", 2, times["eager"])
-        del cl
-    return BenchResult(o, list(rows.values()), label, exports, command, started, time.perf_counter() - t_start,
-                       device_name("cpu"))
+
+def export_model_pt2(model: nn.Module, path: Path, o: argparse.Namespace, log):
+    from compress.deploy.export import export_model
+
+    return export_model(model, path, "torch-export", o.lr_size, False, "inside", source=f"zoo:adcsr ({o.size}, seed 0)",
+                        check=True, log=log)
 
 
 @contextlib.contextmanager
@@ -282,50 +293,53 @@ def _e(x: float | None) -> str:
 
 def render_markdown(res: BenchResult) -> str:
     o = res.options
-    rows = {r.name: r for r in res.rows}
     where = f"{res.device} [cpu], {o.threads} threads (torch and onnxruntime), fp32, LR {o.lr_size}x{o.lr_size} " \
             f"-> SR {4 * o.lr_size}x{4 * o.lr_size}, batch 1, `{o.size}` AdcSR (random init, seed 0)"
     lines = [f"Generated by: `{res.command}` (started {res.started}, took {res.seconds / 60:.0f} min)\n",
              "# Deploying the AdcSR student on the CPU: runtimes against the official code\n",
              f"Where: {where}; torch {torch.__version__}, onnxruntime {_ort_version()}, Python "
-             f"{platform.python_version()}. Official code: {res.official_label}.\n",
-             f"Protocol: one untimed call each, then {o.rounds} interleaved rounds (each runtime once per round, "
-             "rotated order); every call timed by `compress.profile.latency.measure_latency` (perf_counter). "
-             "Ratios are of medians from the same rounds, so machine load from other jobs hits all alike.\n"]
-    table = ["| runtime | phase | median (s) | min-max (s) | official / this (same rounds) | eager / this | "
-             "max abs vs eager | max abs vs official | setup (s) | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{platform.python_version()}. Official code: {res.official_label}; its output differs from adc's eager "
+             f"AdcSR by {res.official_vs_eager:.1e} max abs on the timed LR.\n",
+             f"Protocol: one phase per runtime. In a phase the official code, adc's eager AdcSR and the runtime are "
+             f"called once each untimed, then in {o.rounds} interleaved rounds (each once per round, rotated order); "
+             "every call is timed by `compress.profile.latency.measure_latency` (perf_counter). A runtime's ratios are "
+             "of medians from its own phase's rounds, so the load from other jobs on this shared machine hits the "
+             "three alike (the 1-minute load average at the start and end of the rounds is listed). At most two "
+             "full-size weight copies are in memory at once.\n"]
+    table = ["| runtime | median (s) | min-max (s) | official code, same rounds (s) | eager, same rounds (s) | "
+             "speed vs official | speed vs eager | max abs vs eager | max abs vs official | setup (s) | load avg | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best = None
-    for r in res.rows:
-        if not r.times_ms:
-            continue
-        off = rows["official" if r.phase == 1 else "official (phase 2)"]
-        eag = rows["eager" if r.phase == 1 else "eager (phase 2)"]
-        speed = off.median_ms / r.median_ms
-        if not r.name.startswith(("official", "eager (")) and r.max_abs_vs_eager is not None \
-                and r.max_abs_vs_eager <= 1e-3 and (best is None or speed > best[1]):
-            best = (r.name, speed)
-        table.append(f"| {r.name} | {r.phase} | {_s(r.median_ms)} | {_s(min(r.times_ms))}-{_s(max(r.times_ms))} | "
-                     f"{speed:.2f}x | {eag.median_ms / r.median_ms:.2f}x | {_e(r.max_abs_vs_eager)} | "
-                     f"{_e(r.max_abs_vs_official)} | {'-' if r.setup_s is None else f'{r.setup_s:.0f}'} | {r.note} |")
+    for ph in res.phases:
+        t = ph.times_ms[ph.name]
+        off, eag, me = ph.median("official"), ph.median("eager"), ph.median(ph.name)
+        if ph.max_abs_vs_eager is not None and ph.max_abs_vs_eager <= 1e-3 and (best is None or off / me > best[1]):
+            best = (ph.name, off / me)
+        load = f"{ph.load[0]:.1f} -> {ph.load[1]:.1f}" if ph.load else "-"
+        table.append(f"| {ph.name} | {_s(me)} | {_s(min(t))}-{_s(max(t))} | {_s(off)} | {_s(eag)} | {off / me:.2f}x | "
+                     f"{eag / me:.2f}x | {_e(ph.max_abs_vs_eager)} | {_e(ph.max_abs_vs_official)} | "
+                     f"{'-' if ph.setup_s is None else f'{ph.setup_s:.0f}'} | {load} | {ph.note} |")
+    eager_rows = [ph.median("official") / ph.median("eager") for ph in res.phases]
     lines.append(f"## Latency per runtime — {where}\n")
     lines += table
-    lines.append("\nLegend. official / this > 1: faster than the official code. Phase 2 (channels_last) has its own "
-                 "official and eager rows, measured in its own rounds. max abs: on the timed LR, SR in [-1, 1] "
-                 "(colour fix included).\n")
+    lines.append("\nLegend. speed vs official = official median / this median, both from the same rounds (> 1: faster "
+                 "than the official code). max abs: on the timed LR, SR in [-1, 1], colour fix included.")
+    if eager_rows:
+        lines.append(f"adc's eager AdcSR against the official code, per phase: "
+                     f"{', '.join(f'{x:.2f}x' for x in eager_rows)} (parity, as the issue measured).\n")
     if best:
         goal = "reached" if best[1] >= 1.5 else "not reached"
         lines.append(f"**Fastest adc CPU path within 1e-3 of eager: {best[0]}, {best[1]:.2f}x the official code's "
                      f"speed (goal >= 1.5x: {goal}).**\n")
     if res.exports:
-        lines.append(f"## Export parity at full size — {where}\n")
-        lines.append("| file | exporter | opset | size | colour fix | max abs vs eager fp32 | tolerance | export (s) |\n"
+        lines.append(f"## Export parity at `{o.size}` size — {where}\n")
+        lines.append("| format | exporter | opset | LR size | colour fix | max abs vs eager fp32 | runtime | export (s) |\n"
                      "|---|---|---|---|---|---|---|---|")
         for rec in res.exports:
             par = rec.get("parity") or {}
             lines.append(f"| {rec['export_format']} | {rec['exporter']} | {rec.get('opset') or '-'} | "
                          f"{'dynamic' if rec['dynamic'] else 'x'.join(map(str, rec['lr_size']))} | {rec['color_fix']} | "
-                         f"{_e(par.get('max_abs'))} ({par.get('runtime', '-')}) | {par.get('tolerance', '-')} | "
+                         f"{_e(par.get('max_abs'))} (tolerance {par.get('tolerance', '-')}) | {par.get('runtime', '-')} | "
                          f"{rec.get('export_seconds', '-')} |")
         lines.append("\nLegend. Parity as recorded in each file's own record (`python -m compress.export --show FILE`): "
                      "seeded random LR in [-1, 1] at the export size, against eager PyTorch fp32.\n")
@@ -360,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         bad = [v for v in o.variants if v not in VARIANTS]
         if bad:
             raise AdcError(f"--variants {','.join(bad)}: expected a subset of {','.join(VARIANTS)}")
+        if o.official_repo and o.size != "full":
+            raise AdcError(f"--official-repo: the official Net is full-size only; drop it or use --size full")
         if o.lr_size < 16 or o.lr_size % 16 or o.threads < 1 or o.rounds < 1:
             raise AdcError("--lr-size must be a multiple of 16; --threads and --rounds >= 1")
         res = run_bench(o, command, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -16,7 +16,9 @@ what :func:`compress.deploy.runtime.load_exported` does when a graph lacks it).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -146,24 +148,36 @@ def _require_onnx(check: bool) -> None:
                        f"(or pip install {' '.join(missing)})")
 
 
-def _export_onnx(graph: SRGraph, example: torch.Tensor, path: Path, dynamic: bool, multiple: int, opset: int,
-                 exporter: str) -> None:
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters' chatter (deprecation notes, "torchvision is not installed" per torchvision op) off."""
     import warnings
 
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def _export_onnx(graph: SRGraph, example: torch.Tensor, path: Path, dynamic: bool, multiple: int, opset: int,
+                 exporter: str) -> None:
     if exporter == "dynamo":
         dyn = None
         if dynamic:
             h, w = torch.export.Dim("lr_h_blocks", min=1), torch.export.Dim("lr_w_blocks", min=1)
             dyn = {"lr": {2: multiple * h, 3: multiple * w}}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's own progress and deprecation chatter
+        with _quiet_exporter():
             prog = torch.onnx.export(graph, (example,), dynamo=True, opset_version=opset, dynamic_shapes=dyn,
                                      input_names=["lr"], output_names=["sr"], verbose=False)
         prog.save(str(path), external_data=_param_bytes(graph) > PROTOBUF_LIMIT)
     else:
         axes = {"lr": {2: "lr_height", 3: "lr_width"}, "sr": {2: "sr_height", 3: "sr_width"}} if dynamic else None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet_exporter():
             torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset, input_names=["lr"],
                               output_names=["sr"], dynamic_axes=axes, do_constant_folding=True)
 

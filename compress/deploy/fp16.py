@@ -101,10 +101,13 @@ def _fmt(v: float) -> str:
 
 
 def _stage(name: str) -> str:
+    """The block a unit belongs to: ``unet.down_blocks.1``, ``unet.mid_block``, ``mid_block``, ``up.conv_out``."""
     parts = name.split(".")
     for i, part in enumerate(parts):
-        if part.endswith("blocks") and i + 1 < len(parts):
+        if part.endswith(("blocks", "layers")) and i + 1 < len(parts):
             return ".".join(parts[:i + 2])
+        if part.endswith("block"):
+            return ".".join(parts[:i + 1])
     return ".".join(parts[:2]) if len(parts) > 1 else name
 
 

@@ -36,7 +36,7 @@ FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 DEFAULT_SAFETY = 4.0  # blocks above 65504 / 4 = 16376 run in fp32: headroom for brighter/flatter images
 # Residual units: their internal sums (x + f(x)) are not modules, so they are kept or not as a whole.
 UNIT_TYPES = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock", "Attention", "Downsample2D",
-              "Upsample2D")
+              "Upsample2D", "CLIPEncoderLayer", "SwinLayer", "BertLayer")
 POLICY_FORMAT = "adc-fp16-policy"
 
 
