@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from .deploy.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS, EXPORTERS, default_path, export_model
+from .cli import run_cli
 from .errors import AdcError
 
 __all__ = ["main"]
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise AdcError("MODEL is required (or --show FILE)")
     if args.threads < 0:
         raise AdcError(f"--threads {args.threads}: expected >= 0")
+    if args.out is not None and args.out.suffix != EXPORT_FORMATS[args.format]:
+        raise AdcError(f"--out {args.out}: a {args.format} file must end in {EXPORT_FORMATS[args.format]}")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -119,14 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return run(args)
-    except AdcError as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -367,15 +367,10 @@ def _run_files(args: argparse.Namespace, model: nn.Module, files: Sequence[Path]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import run_cli
+
     args = _parser().parse_args(argv)
-    try:
-        return run(args)
-    except AdcError as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

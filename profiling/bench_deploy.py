@@ -47,6 +47,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: import this checkout's compress, not an installed one
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from compress.cli import run_cli
 from compress.errors import AdcError
 from compress.io import atomic_write_text
 from compress.profile.latency import device_name, measure_latency
@@ -370,24 +371,21 @@ def main(argv: list[str] | None = None) -> int:
     o.variants = tuple(v.strip() for v in o.variants.split(",") if v.strip())
     o.exports = tuple(v.strip() for v in o.exports.split(",") if v.strip() and v.strip() != "none")
     command = "python profiling/bench_deploy.py" + (" " + shlex.join(argv) if argv else "")
-    try:
+
+    def body() -> int:
         bad = [v for v in o.variants if v not in VARIANTS]
         if bad:
             raise AdcError(f"--variants {','.join(bad)}: expected a subset of {','.join(VARIANTS)}")
         if o.official_repo and o.size != "full":
-            raise AdcError(f"--official-repo: the official Net is full-size only; drop it or use --size full")
+            raise AdcError("--official-repo: the official Net is full-size only; drop it or use --size full")
         if o.lr_size < 16 or o.lr_size % 16 or o.threads < 1 or o.rounds < 1:
             raise AdcError("--lr-size must be a multiple of 16; --threads and --rounds >= 1")
         res = run_bench(o, command, log=lambda s: print(s, file=sys.stderr, flush=True))
         path = atomic_write_text(Path(o.out) / "deploy.md", render_markdown(res))
-    except AdcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(f"wrote {path} in {res.seconds / 60:.0f} min")
-    return 0
+        print(f"wrote {path} in {res.seconds / 60:.0f} min")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

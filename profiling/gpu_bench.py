@@ -41,6 +41,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
+from compress.cli import run_cli
 from compress.errors import AdcError
 from compress.io import atomic_write_text
 from compress.profile.latency import LatencyReport, device_name, measure_latency
@@ -440,17 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(md, render_markdown(res))
         atomic_write_text(csv, tidy_table(res).to_csv(index=False))
 
-    try:
+    def body() -> int:
         res = run_bench(o, command, log=lambda s: print(s, file=sys.stderr, flush=True), on_row=write)
         write(res)
-    except AdcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(f"wrote {md}, {csv} in {res.seconds:.0f} s")
-    return 0
+        print(f"wrote {md}, {csv} in {res.seconds:.0f} s")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

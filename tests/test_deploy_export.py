@@ -137,7 +137,9 @@ def test_export_cli_writes_shows_and_refuses_bad_input(tmp_path, capsys, one_thr
                       (["--show", str(tmp_path / "missing.onnx")], "file not found")):
         assert export_main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error:") and msg in err[0]
+        errors = [line for line in err if line.startswith("error:")]
+        assert len(errors) == 1 and errors == err[-1:] and msg in errors[0]  # one line, last, no traceback
+        assert not any("Traceback" in line for line in err)
 
 
 def _official_weights(folder: Path, seed: int) -> Path:

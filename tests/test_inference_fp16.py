@@ -99,3 +99,19 @@ def test_an_in_range_model_keeps_nothing(one_thread):
     model = build_adcsr("tiny").eval()
     policy, ranges = calibrate(model, [lr_batch()])
     assert policy.keep_fp32 == [] and max(r.peak for r in ranges.values()) < FP16_MAX / 4
+
+
+def test_sr_cli_fp16_policy_choices(tmp_path, one_thread):
+    """compress.sr --fp16-policy: auto measures the first image, FILE reads a policy, off keeps nothing."""
+    from argparse import Namespace
+
+    from compress.sr import _fp16_blocks
+
+    model = overflowing_student()
+    first = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(4))
+    auto = _fp16_blocks(Namespace(fp16_policy="auto"), model, first, lambda m: None)
+    assert auto and "unet.conv_in" in auto
+    assert model.color_fix  # the calibration switched the colour fix off only while it ran
+    path = calibrate(model, [lr_batch()])[0].save(tmp_path / "p.json")
+    assert _fp16_blocks(Namespace(fp16_policy=str(path)), model, None, lambda m: None) == load_policy(path).keep_fp32
+    assert _fp16_blocks(Namespace(fp16_policy="off"), model, first, lambda m: None) is None

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..cli import run_cli
 from ..errors import AdcError
 from ..inference.fp16 import DEFAULT_SAFETY, FP16_MAX, ModuleRange, calibrate, keep_fp32, residual_units
 from ..inference.padding import model_pad_multiple
@@ -212,14 +213,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return run(args, lambda s: print(s, file=sys.stderr, flush=True))
-    except AdcError as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(args, lambda s: print(s, file=sys.stderr, flush=True)))
 
 
 if __name__ == "__main__":
