@@ -1,4 +1,4 @@
-"""Inference around SR models: reflection padding, tiled stitching, precision and the global colour fix.
+"""Inference around SR models: reflection padding, tiling, precision (fp16 with fp32 blocks), global colour fix.
 
 ``upscale(model, lr01, tile=..., overlap=..., dtype=...)`` is the entry point; the CLI is
 ``python -m compress.sr``.
@@ -6,6 +6,7 @@
 
 from .color import match_color_
 from .engine import color_fix_off, model_device, upscale
+from .fp16 import Fp16Policy, calibrate, keep_fp32, load_policy
 from .padding import model_pad_multiple, reflect_pad_to_multiple
 from .precision import Precision, parse_dtype, resolve_precision
 from .tiling import Stitcher, TileGrid, axis_starts, axis_window
@@ -13,4 +14,5 @@ from .tiling import Stitcher, TileGrid, axis_starts, axis_window
 __all__ = [
     "upscale", "color_fix_off", "model_device", "match_color_", "model_pad_multiple", "reflect_pad_to_multiple",
     "Precision", "parse_dtype", "resolve_precision", "Stitcher", "TileGrid", "axis_starts", "axis_window",
+    "Fp16Policy", "calibrate", "keep_fp32", "load_policy",
 ]
