@@ -7,12 +7,20 @@
     adc compare [--lr-size 128] ...                = python -m profiling.compare
     adc families                                   lists the model families and named models
     adc --version
+
+:func:`run_cli` is the exit convention every command shares: a user mistake
+(:class:`compress.errors.AdcError`) prints ``error: <one line>`` on stderr and exits with its
+code (2); Ctrl-C prints ``interrupted`` and exits 130; an unforeseen ``OSError`` is one
+``error:`` line too (exit 2); no traceback for any of them.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from typing import Callable
+
+from .errors import AdcError
 
 COMMANDS = {
     "run": ("compress.run", "run a recipe's stages (analyse, remove, prune, recover, evaluate, profile, report)"),
@@ -22,6 +30,22 @@ COMMANDS = {
     "export": ("compress.export", "export a student to ONNX or torch.export"),
     "compare": ("profiling.compare", "params, MACs and latency of the teachers and AdcSR side by side"),
 }
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """``body()``'s exit code, or the convention's for an :class:`AdcError` or Ctrl-C."""
+    try:
+        return body()
+    except AdcError as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # an environment fault no check foresaw (disk, permissions): still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 def _usage() -> str:

@@ -17,8 +17,13 @@ write (disk full, read-only, ...) stops the run with one ``error:`` line naming 
     python -m compress.sr --model weights/ --input lr/ --output sr/ --tile 512 --dtype fp16
 
 ``--model``: a folder with the official ``net_params_*.pkl`` + ``halfDecoder.ckpt``; an adc
-run folder (with ``student/``); or a model name of the family registry (a family's teacher, or a
-compressed model such as ``adcsr``) with random weights.
+run folder (with ``student/``); a model name of the family registry (a family's teacher, or a
+compressed model such as ``adcsr``) with random weights; or a file written by ``python -m
+compress.export`` (``.onnx``: onnxruntime, ``.pt2``: torch.export). ``--backend onnxruntime``
+with any other model exports it first (dynamic sizes, colour fix outside the graph) into a
+temporary folder; padding, tiling and the global colour fix are the same for every backend.
+``--dtype fp16`` keeps the blocks whose fp32 activations leave fp16's range in fp32
+(``--fp16-policy``, measured on the first image by default; see :mod:`compress.inference.fp16`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import torch
 from torch import nn
 
 from .errors import AdcError
-from .inference import Precision, model_device, model_pad_multiple, resolve_precision, upscale, upscale_to_png
+from .inference import (Precision, color_fix_off, model_device, model_pad_multiple, resolve_precision, upscale,
+                        upscale_to_png)
 from .io import WriteError, make_dirs, write_fault
 
 __all__ = ["load_sr_model", "upscale", "upscale_to_png", "plan_outputs", "prepare_output_folder", "sr_models", "main"]
@@ -49,6 +55,8 @@ def sr_models() -> list[str]:
 
     return sorted(n for n, (_, kind) in models().items() if kind in ("teacher", "student"))
 
+EXPORTED_SUFFIXES = (".onnx", ".pt2")
+BACKENDS = ("torch", "onnxruntime")
 HALF_DECODER = "halfDecoder.ckpt"
 _NET_PARAMS = re.compile(r"^net_params_(\d+)\.pkl$")
 
@@ -116,13 +124,23 @@ def load_sr_model(spec: str | os.PathLike, size: str = "full", device: str | tor
 
     ``spec``: a folder with official AdcSR weights (``size`` must match them: "full" for the
     released ones), an adc run folder with ``student/`` (or that ``student/`` folder), or a model name of
-    :func:`sr_models` (random weights, with a one-line warning through ``log``).
+    :func:`sr_models` (random weights, with a one-line warning through ``log``), or an exported
+    ``.onnx``/``.pt2`` file (:func:`compress.deploy.load_exported`).
     """
     log = log or _stderr
     dev = _parse_device(device)
     if size not in ("full", "tiny"):
         raise AdcError(f"--size {size!r} is not one of full, tiny")
     path = Path(spec)
+    if path.suffix in EXPORTED_SUFFIXES and path.is_file():
+        from .deploy.runtime import load_exported
+
+        model = load_exported(path, dev)
+        rec = model.record
+        log(f"loaded exported {path.suffix[1:]} {path} ({rec.get('source', '?')}; "
+            f"{'dynamic' if rec.get('dynamic') else 'static %dx%d' % tuple(rec.get('lr_size', (0, 0)))}, "
+            f"colour fix {rec.get('color_fix')})")
+        return model
     if path.is_dir():
         from .student import find_student
 
@@ -244,85 +262,155 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--size", default="full", choices=("full", "tiny"),
                    help="model widths: full (the released weights) or tiny (tests and demos)")
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="torch (default) or onnxruntime (an .onnx --model, or any other model exported first; "
+                        "pip install -e '.[deploy]')")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and onnxruntime (0: torch's default)")
+    p.add_argument("--fp16-policy", default="auto", metavar="auto|off|FILE",
+                   help="with fp16: which blocks stay fp32. auto (default): those whose fp32 activations on the "
+                        "first image exceed 65504/4; FILE: a policy from python -m compress.deploy.fp16; off: none")
     return p
+
+
+def _load_backend(args: argparse.Namespace, device: torch.device, stack: contextlib.ExitStack,
+                  log: Callable[[str], None]) -> nn.Module:
+    """The model for ``--backend``: an exported file as it is, or a model exported to ONNX on the fly."""
+    spec = Path(args.model)
+    exported = spec.suffix in EXPORTED_SUFFIXES and spec.is_file()
+    backend = args.backend or ("onnxruntime" if exported and spec.suffix == ".onnx" else "torch")
+    if exported and (backend == "onnxruntime") != (spec.suffix == ".onnx"):
+        want = "onnxruntime" if spec.suffix == ".onnx" else "torch"
+        raise AdcError(f"--model {spec}: a {spec.suffix} file runs with --backend {want}, not {backend}")
+    if backend == "torch" or exported:
+        return load_sr_model(args.model, args.size, device, log=log)
+    from .deploy.export import export_model
+    from .deploy.runtime import load_exported
+
+    model = load_sr_model(args.model, args.size, "cpu", log=log)
+    if getattr(model, "color_fix", None) is None:
+        raise AdcError(f"--backend onnxruntime: {type(model).__name__} is not exportable here; "
+                       "export it with python -m compress.export and pass the .onnx file")
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="adc-sr-onnx-")))
+    t0 = time.perf_counter()
+    log("exporting the model to ONNX for onnxruntime (dynamic sizes, colour fix outside the graph; once per run)")
+    export_model(model, folder / "model.onnx", "onnx", model_pad_multiple(model) * 2, dynamic=True,
+                 color_fix="outside" if model.color_fix else "none", source=str(args.model), check=False)
+    del model
+    log(f"exported in {time.perf_counter() - t0:.0f} s")
+    return load_exported(folder / "model.onnx", device, args.threads or None)
+
+
+def _fp16_blocks(args: argparse.Namespace, model: nn.Module, first: torch.Tensor | None,
+                 log: Callable[[str], None]) -> list[str] | None:
+    """The blocks kept in fp32 under fp16: from ``--fp16-policy`` FILE, or measured on ``first`` (LR in [0, 1])."""
+    from .inference.fp16 import calibrate, load_policy
+    from .inference.padding import reflect_pad_to_multiple
+
+    if args.fp16_policy == "off":
+        return None
+    if args.fp16_policy != "auto":
+        policy = load_policy(args.fp16_policy)
+        log(f"fp16: {len(policy.keep_fp32)} blocks stay fp32 (policy {args.fp16_policy})")
+        return policy.keep_fp32
+    if first is None:
+        return None
+    crop = first[:, :256, :256]  # a calibration crop: enough context, one fp32 pass
+    x, _ = reflect_pad_to_multiple(crop[None].float() * 2 - 1, model_pad_multiple(model))
+    with color_fix_off(model):
+        policy, _ = calibrate(model, [x.to(model_device(model))])
+    log(f"fp16: {len(policy.keep_fp32)} blocks stay fp32 (their fp32 activations on the first image exceed "
+        f"{policy.limit:.0f}; --fp16-policy off to disable)")
+    return policy.keep_fp32
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .data.images import ImageReadError, read_image, to_chw_tensor
-
     def log(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
     t0 = time.perf_counter()
-    tile = args.tile or None
-    if tile is not None and tile < 0:
+    if args.tile is not None and args.tile < 0:
         raise AdcError(f"--tile {args.tile}: expected a positive number of px (or 0 for no tiling)")
     if args.batch < 1:
         raise AdcError(f"--batch {args.batch}: expected >= 1")
+    if args.threads < 0:
+        raise AdcError(f"--threads {args.threads}: expected >= 0 (0: torch's default)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root, files = _inputs(args.input, args.output, args.recursive)
     outputs = plan_outputs(root, files, args.output)
     device = _parse_device(args.device)
     created = prepare_output_folder(args.output)  # before minutes of model loading, not after
-    written = skipped = 0
     try:
-        model = load_sr_model(args.model, args.size, device, log=log)
-        precision: Precision = resolve_precision(args.dtype, model_device(model))
-        if precision.notice:
-            log(precision.notice)
-        if tile is not None:  # rounded here once, not once per image inside upscale
-            multiple = model_pad_multiple(model)
-            rounded = max(multiple, tile // multiple * multiple)
-            if rounded != tile:
-                log(f"notice: --tile {tile} rounded to {rounded} (a multiple of {multiple})")
-            tile = rounded
-
-        for src, dst in zip(tqdm(files, desc="sr", unit="img", file=sys.stderr, disable=None), outputs):
-            try:
-                lr = to_chw_tensor(read_image(src))
-            except ImageReadError as exc:
-                log(f"skipped: {exc}")
-                skipped += 1
-                continue
-            h, w = lr.shape[-2:]
-            if tile is None and max(h, w) > 1024:
-                log(f"hint: {src.name} is {w}x{h} and runs untiled; add --tile 512 if memory runs out")
-            try:
-                upscale_to_png(model, lr, dst, tile=tile, overlap=args.overlap, dtype=precision, batch=args.batch,
-                               progress=True, log=log, name=str(src))
-            except WriteError as exc:
-                raise WriteError(f"{exc}; {written} of {len(files)} images were written before it") from None
-            except (RuntimeError, MemoryError) as exc:
-                if not _is_oom(exc):
-                    raise
-                advice = "a smaller --tile or --batch 1" if tile else "--tile 512 (or smaller)"
-                raise AdcError(f"{src}: out of memory on a {w}x{h} image; rerun with {advice}") from None
-            del lr
-            written += 1
+        with contextlib.ExitStack() as stack:  # the on-the-fly ONNX export's folder lives until the end
+            model = _load_backend(args, device, stack, log)
+            return _run_files(args, model, files, outputs, log, t0)
     finally:
-        if created and written == 0:
+        if created:
             with contextlib.suppress(OSError):
-                args.output.rmdir()  # only if still empty: a failed run leaves no trace
+                args.output.rmdir()  # only if still empty: a run that wrote nothing leaves no trace
+
+
+def _run_files(args: argparse.Namespace, model: nn.Module, files: Sequence[Path], outputs: Sequence[Path],
+               log: Callable[[str], None], t0: float) -> int:
+    from tqdm import tqdm
+
+    from .data.images import ImageReadError, read_image, to_chw_tensor
+    from .deploy.runtime import ExportedSR
+
+    tile = args.tile or None
+    exported = isinstance(model, ExportedSR)
+    if exported and args.dtype != "fp32":
+        raise AdcError(f"--dtype {args.dtype}: an exported graph runs in the precision it was exported in (fp32); "
+                       "use --backend torch for bf16/fp16")
+    precision: Precision = resolve_precision(args.dtype, model_device(model))
+    if precision.notice:
+        log(precision.notice)
+    policy_needed = precision.name == "fp16" and not exported
+    blocks: list[str] | None = None
+    if tile is not None:  # rounded here once, not once per image inside upscale
+        multiple = model_pad_multiple(model)
+        rounded = max(multiple, tile // multiple * multiple)
+        if rounded != tile:
+            log(f"notice: --tile {tile} rounded to {rounded} (a multiple of {multiple})")
+        tile = rounded
+
+    written = skipped = 0
+    for src, dst in zip(tqdm(files, desc="sr", unit="img", file=sys.stderr, disable=None), outputs):
+        try:
+            lr = to_chw_tensor(read_image(src))
+        except ImageReadError as exc:
+            log(f"skipped: {exc}")
+            skipped += 1
+            continue
+        h, w = lr.shape[-2:]
+        if tile is None and max(h, w) > 1024:
+            log(f"hint: {src.name} is {w}x{h} and runs untiled; add --tile 512 if memory runs out")
+        if policy_needed:
+            blocks, policy_needed = _fp16_blocks(args, model, lr, log), False
+        try:
+            upscale_to_png(model, lr, dst, tile=tile, overlap=args.overlap, dtype=precision, batch=args.batch,
+                           progress=True, log=log, name=str(src), fp32_blocks=blocks)
+        except WriteError as exc:
+            raise WriteError(f"{exc}; {written} of {len(files)} images were written before it") from None
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_oom(exc):
+                raise
+            advice = "a smaller --tile or --batch 1" if tile else "--tile 512 (or smaller)"
+            raise AdcError(f"{src}: out of memory on a {w}x{h} image; rerun with {advice}") from None
+        del lr
+        written += 1
     print(f"done: {written} written, {skipped} skipped, {time.perf_counter() - t0:.1f} s -> {args.output}",
           flush=True)
     return 1 if written == 0 and skipped else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import run_cli
+
     args = _parser().parse_args(argv)
-    try:
-        return run(args)
-    except AdcError as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:  # an environment fault no check above foresaw: still one line
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

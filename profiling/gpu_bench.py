@@ -1,18 +1,28 @@
 """OSEDiff vs AdcSR latency on one GPU at LR 128 -> SR 512, in one run -> reports/gpu-latency.{md,csv}.
 
     python -m profiling.gpu_bench [--device cuda] [--size full|tiny] [--lr-size 128]
-        [--dtypes fp16,bf16,fp32] [--warmup 10] [--repeats 30] [--compile] [--channels-last] [--tf32]
-        [--models osediff,adcsr] [--out reports] [--budget-s 240] [--threads 0]
+        [--dtypes fp16,bf16,fp32] [--modes eager,compile,compile-cudagraphs,onnx] [--warmup 10] [--repeats 30]
+        [--channels-last] [--tf32] [--models osediff,adcsr] [--out reports] [--budget-s 240] [--threads 0]
 
 Meant to be started by ``profiling/gpu_bench.sh`` on a CUDA machine; ``--size tiny --device cpu``
 is a dry run of the same code (tests use it). Why this protocol: random-init full-size models
 (latency does not depend on the weights' values, and no checkpoint is needed), the same pipeline
 that :mod:`profiling.compare` counts (OSEDiff: DAPE tag path + text encode + VAE encode + UNet +
-decode, LoRA merged as OSEDiff times it; AdcSR: its whole forward), every dtype of a model
-measured back to back on the same GPU so the OSEDiff/AdcSR ratio of each dtype comes from one run.
-Each call is bracketed by CUDA events and synchronised (:func:`compress.profile.latency.measure_latency`):
-median and IQR over ``--repeats`` calls after ``--warmup`` calls; peak memory from one extra call.
-Half-precision weights are cast from the fp32 init (fp32 is measured first).
+decode, LoRA merged as OSEDiff times it; AdcSR: its whole forward), both models measured in the
+same run on the same GPU so every OSEDiff/AdcSR ratio comes from one run. Each call is bracketed by
+CUDA events and synchronised (:func:`compress.profile.latency.measure_latency`): median and IQR
+over ``--repeats`` calls after ``--warmup`` calls; peak memory from one extra call.
+
+Modes: ``eager``; ``compile`` (``torch.compile``, default mode; compile + first call timed apart);
+``compile-cudagraphs`` (``mode="reduce-overhead"``: CUDA graphs remove kernel-launch overhead);
+``onnx`` (AdcSR only, fp32: exported by :mod:`compress.deploy.export` and run by onnxruntime's CUDA
+provider with I/O bound to GPU tensors; skipped when onnxruntime has no CUDA provider).
+
+Order under ``--budget-s``: every eager row first (cheap, and the OSEDiff/AdcSR ratio needs both),
+then the bf16 rows of the other modes (AdcSR before OSEDiff), ONNX, then fp16 and fp32. A row that
+cannot start before the deadline (a compile needs a margin) is listed as skipped. The report is
+rewritten after every row, so a run stopped from outside still leaves what it measured.
+Half-precision weights are cast from the fp32 init (dtype switches cast the same model in place).
 """
 
 from __future__ import annotations
@@ -26,20 +36,29 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
 
+from compress.cli import run_cli
 from compress.errors import AdcError
 from compress.io import atomic_write_text
-from profiling.compare import SPECS, _env, _fmt_df, _num_threads, pipeline_calls
 from compress.profile.latency import LatencyReport, device_name, measure_latency
+from profiling.compare import SPECS, _env, _fmt_df, _num_threads, pipeline_calls
 
-__all__ = ["GpuBenchOptions", "BenchRow", "run_bench", "render_markdown", "tidy_table", "main"]
+__all__ = ["GpuBenchOptions", "BenchRow", "plan_rows", "run_bench", "render_markdown", "tidy_table", "main"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_ORDER = ("fp32", "bf16", "fp16")  # fp32 first: half copies are cast from the fp32 init
+_ORDER = ("fp32", "bf16", "fp16")  # eager: fp32 first, half copies are cast from the fp32 init
+MODES = ("eager", "compile", "compile-cudagraphs", "onnx")
+_COMPILE_KW = {"compile": {}, "compile-cudagraphs": {"mode": "reduce-overhead"}}
+# Seconds a compiled row needs left before it starts (compile + warm-up + repeats), from full-size
+# compiles on 16 CPU cores; a row that does not fit is skipped rather than overrunning the budget.
+_COMPILE_MARGIN_S = {"adcsr": 75.0, "osediff": 180.0, "s3diff": 240.0}
+_ONNX_MARGIN_S = 90.0
+GOAL_ADCSR_MS = 10.0  # AdcSR 128 -> 512, bf16, compiled
+GOAL_RATIO = 4.0  # OSEDiff / AdcSR, same run
 
 
 @dataclass
@@ -50,7 +69,7 @@ class GpuBenchOptions:
     dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32")
     warmup: int = 10
     repeats: int = 30
-    compile: bool = False
+    modes: tuple[str, ...] = ("eager",)
     channels_last: bool = False
     tf32: bool = False
     models: tuple[str, ...] = ("osediff", "adcsr")
@@ -69,6 +88,9 @@ class GpuBenchOptions:
         bad = [m for m in self.models if m not in SPECS]
         if bad or not self.models:
             raise AdcError(f"--models {','.join(self.models)}: expected a subset of {','.join(SPECS)}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise AdcError(f"--modes {','.join(self.modes)}: expected a subset of {','.join(MODES)}")
         if self.warmup < 0 or self.repeats < 1:
             raise AdcError(f"--warmup {self.warmup} / --repeats {self.repeats}: expected >= 0 / >= 1")
         dev = torch.device(self.device)
@@ -81,7 +103,7 @@ class GpuBenchOptions:
 
 @dataclass
 class BenchRow:
-    """One (model, dtype) measurement, or why it was skipped."""
+    """One (model, dtype, mode) measurement, or why it was skipped."""
 
     model: str
     dtype: str
@@ -89,6 +111,8 @@ class BenchRow:
     finite: bool | None
     build_s: float
     skipped: str = ""
+    mode: str = "eager"
+    note: str = ""
 
 
 @dataclass
@@ -114,68 +138,155 @@ def _tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _bench_model(name: str, o: GpuBenchOptions, deadline: float, log) -> list[BenchRow]:
+def plan_rows(o: GpuBenchOptions) -> list[tuple[str, str, str]]:
+    """(model, dtype, mode) in the order they are measured (see the module doc)."""
+    models = [m for m in ("adcsr", "osediff", "s3diff") if m in o.models]
+    eager = [(m, d, "eager") for m in o.models for d in _ORDER if d in o.dtypes] if "eager" in o.modes else []
+    rest = []
+    for d in ("bf16", "fp16", "fp32"):
+        if d not in o.dtypes:
+            continue
+        for mode in ("compile", "compile-cudagraphs"):
+            if mode in o.modes:
+                rest += [(m, d, mode) for m in models]
+        if d == "bf16" and "onnx" in o.modes and "adcsr" in o.models:
+            rest.append(("adcsr", "fp32", "onnx"))  # exported fp32 graph: right after the headline bf16 rows
+    if "onnx" in o.modes and "adcsr" in o.models and "bf16" not in o.dtypes:
+        rest.append(("adcsr", "fp32", "onnx"))
+    return eager + rest
+
+
+def _skip(model: str, dtype: str, mode: str, why: str, build_s: float = 0.0) -> BenchRow:
+    return BenchRow(model, dtype, None, None, build_s, why, mode)
+
+
+def _time_torch(name: str, model, d: str, mode: str, o: GpuBenchOptions, build_s: float, log) -> BenchRow:
+    spec = SPECS[name]
+    lr32 = torch.rand(1, 3, o.lr_size, o.lr_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    lr = lr32.to(device=o.device, dtype=_DTYPES[d])  # measure_latency casts the module, not the closure
+    calls = pipeline_calls(spec, model, lr)
+    last: list[Any] = [None]
+
+    def run() -> Any:
+        out = None
+        for _, fn, args in calls:
+            out = fn(*args)
+        last[0] = out  # kept, not checked: a check would synchronise inside the timed call
+        return out
+
+    compiled = mode in _COMPILE_KW
+    if compiled:
+        torch._dynamo.reset()  # one compiled graph at a time: no cache limit, no stale guards
+    try:
+        rep = measure_latency(run, device=o.device, module=model, dtype=d, warmup=o.warmup, repeats=o.repeats,
+                              channels_last=o.channels_last, compile=compiled,
+                              compile_kwargs=_COMPILE_KW.get(mode, {}))
+    except Exception as exc:  # an op without a kernel for this dtype, OOM, a compiler failure: report, go on
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        log(f"{name} {d} {mode}: failed: {first}")
+        return BenchRow(name, d, None, None, build_s, f"failed: {type(exc).__name__}: {first}", mode)
+    finite = bool(torch.isfinite(last[0]).all().item()) if isinstance(last[0], torch.Tensor) else None
+    log(f"{name} {d} {mode}: median {rep.median_ms:.2f} ms (IQR {rep.q1_ms:.2f}-{rep.q3_ms:.2f}), finite={finite}")
+    return BenchRow(name, d, rep, finite, build_s, mode=mode)
+
+
+def _time_onnx(o: GpuBenchOptions, log) -> BenchRow:
+    """AdcSR exported to ONNX (fp32, static, colour fix inside) on onnxruntime's CUDA provider (CPU on a dry run)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return _skip("adcsr", "fp32", "onnx", "onnxruntime is not installed")
+    dev = torch.device(o.device)
+    provider = "CUDAExecutionProvider" if dev.type == "cuda" else "CPUExecutionProvider"
+    if provider not in ort.get_available_providers():
+        return _skip("adcsr", "fp32", "onnx", f"onnxruntime {ort.__version__} has no {provider} "
+                                              f"(has {', '.join(ort.get_available_providers())}): needs onnxruntime-gpu")
+    import tempfile
+
+    from compress.deploy.export import export_model
+    from compress.zoo.adcsr import build_adcsr
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    cpu_model = build_adcsr(o.size, "cpu")
+    with tempfile.TemporaryDirectory(prefix="adc-gpu-onnx-") as tmp:
+        try:
+            res = export_model(cpu_model, Path(tmp) / "adcsr.onnx", "onnx", o.lr_size, False, "inside",
+                               source=f"zoo:adcsr ({o.size}, seed 0)", check=False)
+            opts = ort.SessionOptions()
+            sess = ort.InferenceSession(str(res.path), opts, providers=[provider])
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            return _skip("adcsr", "fp32", "onnx", f"export or session failed: {type(exc).__name__}: {first}")
+        setup = time.perf_counter() - t0
+        lr32 = torch.rand(1, 3, o.lr_size, o.lr_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        with torch.no_grad():
+            want = cpu_model(lr32)
+        del cpu_model
+        x = lr32.to(dev).contiguous()
+        y = torch.empty(1, 3, 4 * o.lr_size, 4 * o.lr_size, device=dev)
+        binding = sess.io_binding()
+        kind, index = ("cuda", dev.index or 0) if dev.type == "cuda" else ("cpu", 0)
+        import numpy as np
+
+        binding.bind_input("lr", kind, index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output("sr", kind, index, np.float32, tuple(y.shape), y.data_ptr())
+
+        def run() -> torch.Tensor:
+            sess.run_with_iobinding(binding)  # returns after the provider has synchronised
+            return y
+
+        rep = measure_latency(run, device=o.device, warmup=o.warmup, repeats=o.repeats)
+        max_abs = float((y.cpu() - want).abs().max())
+        finite = bool(torch.isfinite(y).all().item())
+        del sess
+    log(f"adcsr onnx ({provider}): median {rep.median_ms:.2f} ms, max abs vs CPU eager fp32 {max_abs:.1e}")
+    return BenchRow("adcsr", "fp32", rep, finite, setup, mode="onnx",
+                    note=f"onnxruntime {ort.__version__} {provider}, I/O bound to device tensors; max abs vs CPU "
+                         f"eager fp32 {max_abs:.1e}; setup (build + export + session) {setup:.0f} s")
+
+
+def run_bench(o: GpuBenchOptions, command: str, log=lambda s: None,
+              on_row: Callable[[BenchResult], None] | None = None) -> BenchResult:
     from compress.zoo import build
     from compress.zoo.lora import merge_and_unload
 
-    spec = SPECS[name]
-    dtypes = [d for d in _ORDER if d in o.dtypes]
-    if time.perf_counter() > deadline:
-        return [BenchRow(name, d, None, None, 0.0, "time budget spent before this model") for d in dtypes]
-    t0 = time.perf_counter()
-    model = build(name, o.size, o.device)
-    if spec.mergeable_lora:
-        merge_and_unload(model)
-    build_s = time.perf_counter() - t0
-    log(f"{name}: built on {o.device} in {build_s:.0f} s")
-    rows = []
-    lr32 = torch.rand(1, 3, o.lr_size, o.lr_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    try:
-        for d in dtypes:
-            if time.perf_counter() > deadline:
-                rows.append(BenchRow(name, d, None, None, build_s, f"--budget-s {o.budget_s:g} spent"))
-                continue
-            lr = lr32.to(device=o.device, dtype=_DTYPES[d])  # measure_latency casts the module, not the closure
-            calls = pipeline_calls(spec, model, lr)
-            last: list[Any] = [None]
-
-            def run() -> Any:
-                out = None
-                for _, fn, args in calls:
-                    out = fn(*args)
-                last[0] = out  # kept, not checked: a check would synchronise inside the timed call
-                return out
-
-            try:
-                rep = measure_latency(run, device=o.device, module=model, dtype=d, warmup=o.warmup,
-                                      repeats=o.repeats, channels_last=o.channels_last, compile=o.compile)
-            except (RuntimeError, NotImplementedError) as exc:  # an op without a kernel for this dtype, OOM
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-                log(f"{name} {d}: failed: {first}")
-                rows.append(BenchRow(name, d, None, None, build_s, f"failed: {type(exc).__name__}: {first}"))
-                continue
-            finite = bool(torch.isfinite(last[0]).all().item()) if isinstance(last[0], torch.Tensor) else None
-            log(f"{name} {d}: median {rep.median_ms:.2f} ms (IQR {rep.q1_ms:.2f}-{rep.q3_ms:.2f}), finite={finite}")
-            rows.append(BenchRow(name, d, rep, finite, build_s))
-    finally:
-        del model
-        gc.collect()
-        if torch.device(o.device).type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
-
-
-def run_bench(o: GpuBenchOptions, command: str, log=lambda s: None) -> BenchResult:
     o.check()
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     deadline = t0 + o.budget_s
-    rows: list[BenchRow] = []
+    res = BenchResult(o, [], command, started, device_name(o.device), env=_env())
+    models: dict[str, Any] = {}
+    build_s: dict[str, float] = {}
     with _num_threads(o.threads), _tf32(o.tf32):
-        for name in o.models:
-            rows += _bench_model(name, o, deadline, log)
-        name_ = device_name(o.device)
-    res = BenchResult(o, rows, command, started, name_, env=_env())
+        res.device_name = device_name(o.device)
+        for name, d, mode in plan_rows(o):
+            left = deadline - time.perf_counter()
+            need = (_COMPILE_MARGIN_S.get(name, 120.0) if mode in _COMPILE_KW else
+                    _ONNX_MARGIN_S if mode == "onnx" else 0.0) * (1.0 if o.size == "full" else 0.0)
+            if left <= 0 or left < need:
+                res.rows.append(_skip(name, d, mode, f"--budget-s {o.budget_s:g}: {max(left, 0):.0f} s left, "
+                                                     f"this row needs about {need:.0f} s"))
+                continue
+            if mode == "onnx":
+                res.rows.append(_time_onnx(o, log))
+            else:
+                if name not in models:
+                    t1 = time.perf_counter()
+                    model = build(name, o.size, o.device)
+                    if SPECS[name].mergeable_lora:
+                        merge_and_unload(model)
+                    build_s[name] = time.perf_counter() - t1
+                    models[name] = model
+                    log(f"{name}: built on {o.device} in {build_s[name]:.0f} s")
+                res.rows.append(_time_torch(name, models[name], d, mode, o, build_s[name], log))
+            res.seconds = time.perf_counter() - t0
+            if on_row is not None:
+                on_row(res)
+    models.clear()
+    gc.collect()
+    if torch.device(o.device).type == "cuda":
+        torch.cuda.empty_cache()
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -185,15 +296,37 @@ def _res(o: GpuBenchOptions) -> str:
 
 
 def _settings(o: GpuBenchOptions) -> str:
-    return (f"{'torch.compile' if o.compile else 'eager'}, {'channels_last' if o.channels_last else 'contiguous'}, "
-            f"TF32 {'on' if o.tf32 else 'torch default'}")
+    return f"{'channels_last' if o.channels_last else 'contiguous'}, TF32 {'on' if o.tf32 else 'torch default'}"
 
 
-def _ratios(res: BenchResult) -> dict[str, tuple[float, float]]:
-    """dtype -> (OSEDiff median ms, AdcSR median ms), for dtypes where both were measured."""
-    by = {(r.model, r.dtype): r.report for r in res.rows if r.report is not None}
-    return {d: (by[("osediff", d)].median_ms, by[("adcsr", d)].median_ms)
-            for d in _ORDER if ("osediff", d) in by and ("adcsr", d) in by}
+def _mode_title(mode: str) -> str:
+    return {"eager": "eager", "compile": "torch.compile", "compile-cudagraphs": "torch.compile reduce-overhead",
+            "onnx": "ONNX (onnxruntime)"}[mode]
+
+
+def _ratios(res: BenchResult) -> dict[tuple[str, str], tuple[float, float]]:
+    """(dtype, mode) -> (OSEDiff median ms, AdcSR median ms), where both were measured."""
+    by = {(r.model, r.dtype, r.mode): r.report for r in res.rows if r.report is not None}
+    return {(d, m): (by[("osediff", d, m)].median_ms, by[("adcsr", d, m)].median_ms)
+            for m in MODES for d in _ORDER if ("osediff", d, m) in by and ("adcsr", d, m) in by}
+
+
+def _goals(res: BenchResult) -> list[str]:
+    by = {(r.model, r.dtype, r.mode): r.report for r in res.rows if r.report is not None}
+    lines = []
+    best = min((by[k].median_ms, k[2]) for k in by if k[0] == "adcsr" and k[1] == "bf16" and k[2] in _COMPILE_KW) \
+        if any(k[0] == "adcsr" and k[1] == "bf16" and k[2] in _COMPILE_KW for k in by) else None
+    if best:
+        lines.append(f"- AdcSR {_res(res.options)}, bf16, {_mode_title(best[1])}: **{best[0]:.2f} ms** "
+                     f"(goal <= {GOAL_ADCSR_MS:g} ms: {'reached' if best[0] <= GOAL_ADCSR_MS else 'not reached'}).")
+    else:
+        lines.append("- AdcSR bf16 compiled: not measured in this run.")
+    rat = _ratios(res)
+    if rat:
+        (d, m), (t, a) = max(rat.items(), key=lambda kv: kv[1][0] / kv[1][1])
+        lines.append(f"- OSEDiff/AdcSR, same run: best {t / a:.2f}x ({d}, {_mode_title(m)}); "
+                     f"goal >= {GOAL_RATIO:g}x: {'reached' if t / a >= GOAL_RATIO else 'not reached'}.")
+    return lines
 
 
 def render_markdown(res: BenchResult) -> str:
@@ -207,37 +340,42 @@ def render_markdown(res: BenchResult) -> str:
     lines.append(f"Device: **{res.device_name}** [{o.device}]{cuda}. "
                  + ", ".join(f"{k} {v}" for k, v in res.env.items())
                  + f". Models: `{o.size}` size, random init. {_res(o)}. {_settings(o)}.\n")
+    lines += _goals(res) + [""]
     rows = []
     for r in res.rows:
+        base = {"model": SPECS[r.model].title, "dtype": r.dtype, "mode": _mode_title(r.mode)}
         if r.report is None:
-            rows.append({"model": SPECS[r.model].title, "dtype": r.dtype, "median (ms)": "-", "IQR (ms)": "-",
-                         "min (ms)": "-", "peak memory (GiB)": "-", "finite output": "-", "note": r.skipped})
+            rows.append({**base, "median (ms)": "-", "IQR (ms)": "-", "min (ms)": "-", "peak memory (GiB)": "-",
+                         "finite output": "-", "note": r.skipped})
             continue
         rep = r.report
         note = f"{rep.repeats} calls after {rep.warmup} warm-up"
         if rep.compiled and rep.compile_time_s is not None:
             note += f"; compile + first call {rep.compile_time_s:.1f} s"
-        rows.append({"model": SPECS[r.model].title, "dtype": r.dtype, "median (ms)": f"{rep.median_ms:.2f}",
-                     "IQR (ms)": f"{rep.q1_ms:.2f}-{rep.q3_ms:.2f}", "min (ms)": f"{rep.min_ms:.2f}",
+        if r.note:
+            note += f"; {r.note}"
+        rows.append({**base, "median (ms)": f"{rep.median_ms:.2f}", "IQR (ms)": f"{rep.q1_ms:.2f}-{rep.q3_ms:.2f}",
+                     "min (ms)": f"{rep.min_ms:.2f}",
                      "peak memory (GiB)": f"{rep.peak_memory_bytes / 2**30:.2f}" if rep.peak_memory_bytes else "-",
                      "finite output": str(r.finite), "note": note})
-    lines.append(f"## Latency per model and dtype — {res.device_name}, {_res(o)}\n")
+    lines.append(f"## Latency per model, dtype and mode — {res.device_name}, {_res(o)}\n")
     lines.append(_fmt_df(pd.DataFrame(rows)))
     timer = next((r.report.timer for r in res.rows if r.report), "-")
     lines.append(f"\nLegend. {res.device_name} [{o.device}], {_res(o)}, {_settings(o)}; timer: {timer}; one call = "
                  "the whole SR pipeline (OSEDiff: DAPE tag path at 384 px + CLIP text encode + VAE encode + UNet "
-                 "+ decode, LoRA merged; AdcSR: unshuffle + UNet + half-decoder + colour match); peak memory: "
+                 "+ decode, LoRA merged; AdcSR: unshuffle + UNet + half-decoder + colour match); half precision = "
+                 "weights and input cast (as a deployment would), not autocast; peak memory: "
                  "torch.cuda.max_memory_allocated over one extra call (weights included; CPU: process RSS). "
                  "Finite output: no NaN/inf in the last timed call's SR (random weights; real AdcSR weights are "
-                 "reported to overflow in pure fp16).\n")
-    rat = [{"dtype": d, "OSEDiff median (ms)": f"{t:.2f}", "AdcSR median (ms)": f"{a:.2f}",
+                 "reported to overflow in pure fp16: see the README's Deploy section).\n")
+    rat = [{"dtype": d, "mode": _mode_title(m), "OSEDiff median (ms)": f"{t:.2f}", "AdcSR median (ms)": f"{a:.2f}",
             "OSEDiff/AdcSR": f"{t / a:.2f}x", "AdcSR latency change": f"{(a / t - 1) * 100:+.1f} %"}
-           for d, (t, a) in _ratios(res).items()]
+           for (d, m), (t, a) in _ratios(res).items()]
     lines.append(f"\n## OSEDiff/AdcSR, same run — {res.device_name}, {_res(o)}\n")
     lines.append(_fmt_df(pd.DataFrame(rat)) if rat else "_(needs both models)_\n")
-    lines.append(f"\nLegend. Ratio of medians per dtype, both models measured in this run on {res.device_name}. "
-                 "Reference: AdcSR paper 0.03 s vs OSEDiff 0.11 s on an A100 (3.7x); OSEDiff's own script "
-                 "0.1046 s (A100, fp16, 512 px, DAPE included).\n")
+    lines.append(f"\nLegend. Ratio of medians per dtype and mode, both models measured in this run on "
+                 f"{res.device_name}. Reference: AdcSR paper 0.03 s vs OSEDiff 0.11 s on an A100 (3.7x); "
+                 "OSEDiff's own script 0.1046 s (A100, fp16, 512 px, DAPE included).\n")
     return "\n".join(lines)
 
 
@@ -245,7 +383,7 @@ def tidy_table(res: BenchResult) -> pd.DataFrame:
     o = res.options
     rows = []
     for r in res.rows:
-        base = {"model": r.model, "dtype": r.dtype, "device": f"{o.device} ({res.device_name})",
+        base = {"model": r.model, "dtype": r.dtype, "mode": r.mode, "device": f"{o.device} ({res.device_name})",
                 "resolution": _res(o), "settings": _settings(o), "size": o.size}
         if r.report is None:
             rows.append({**base, "quantity": "skipped", "value": None, "unit": "", "timer": r.skipped})
@@ -260,8 +398,8 @@ def tidy_table(res: BenchResult) -> pd.DataFrame:
             if v is not None:
                 rows.append({**base, "quantity": q, "value": round(v, 4) if isinstance(v, float) else v, "unit": u,
                              "timer": rep.timer})
-    for d, (t, a) in _ratios(res).items():
-        rows.append({"model": "osediff_over_adcsr", "dtype": d, "device": f"{o.device} ({res.device_name})",
+    for (d, m), (t, a) in _ratios(res).items():
+        rows.append({"model": "osediff_over_adcsr", "dtype": d, "mode": m, "device": f"{o.device} ({res.device_name})",
                      "resolution": _res(o), "settings": _settings(o), "size": o.size, "quantity": "latency_ratio",
                      "value": round(t / a, 4), "unit": "x", "timer": "ratio of medians"})
     return pd.DataFrame(rows, dtype=object)  # object: counts stay integers in the CSV
@@ -273,9 +411,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="full", choices=("full", "tiny"))
     p.add_argument("--lr-size", type=int, default=128)
     p.add_argument("--dtypes", default="fp16,bf16,fp32", help="comma-separated subset of fp32,bf16,fp16")
+    p.add_argument("--modes", default="eager", help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--compile", action="store_true", help="torch.compile the pipeline (adds minutes)")
+    p.add_argument("--compile", action="store_true", help="same as --modes compile (adds minutes)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 matmul/conv")
     p.add_argument("--models", default="osediff,adcsr")
@@ -290,20 +429,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = _parser().parse_args(argv)
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    modes = ("compile",) if a.compile else split(a.modes)
     o = GpuBenchOptions(device=a.device, size=a.size, lr_size=a.lr_size, dtypes=split(a.dtypes), warmup=a.warmup,
-                        repeats=a.repeats, compile=a.compile, channels_last=a.channels_last, tf32=a.tf32,
+                        repeats=a.repeats, modes=modes, channels_last=a.channels_last, tf32=a.tf32,
                         models=split(a.models), out=a.out, budget_s=a.budget_s, threads=a.threads)
     command = "python -m profiling.gpu_bench" + (" " + shlex.join(argv) if argv else "")
-    try:
-        res = run_bench(o, command, log=lambda s: print(s, file=sys.stderr, flush=True))
-        out = Path(o.out)
-        md = atomic_write_text(out / "gpu-latency.md", render_markdown(res))
-        csv = atomic_write_text(out / "gpu-latency.csv", tidy_table(res).to_csv(index=False))
-    except AdcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"wrote {md}, {csv} in {res.seconds:.0f} s")
-    return 0
+    out = Path(o.out)
+    md, csv = out / "gpu-latency.md", out / "gpu-latency.csv"
+
+    def write(res: BenchResult) -> None:
+        atomic_write_text(md, render_markdown(res))
+        atomic_write_text(csv, tidy_table(res).to_csv(index=False))
+
+    def body() -> int:
+        res = run_bench(o, command, log=lambda s: print(s, file=sys.stderr, flush=True), on_row=write)
+        write(res)
+        print(f"wrote {md}, {csv} in {res.seconds:.0f} s")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ import itertools
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import AdcError
 from .color import ChannelStats, ColorMap
+from .fp16 import keep_fp32
 from .padding import model_pad_multiple, reflect_index
 from .precision import Precision, resolve_precision
 from .tiling import BandStitcher, TileGrid
@@ -182,6 +183,11 @@ class _Job:
                          self.progress), ref
 
 
+def _fp32_guard(model: nn.Module, fp32_blocks: Sequence[str] | None, job: _Job):
+    """Keep ``fp32_blocks`` in fp32 while the run is fp16 (nothing to keep otherwise)."""
+    return keep_fp32(model, fp32_blocks) if fp32_blocks and job.state.prec.name == "fp16" else contextlib.nullcontext()
+
+
 def _check_lr(lr: object, batch: object, ndims: tuple[int, ...] = (3, 4)) -> None:
     if not isinstance(lr, torch.Tensor) or lr.dim() not in ndims or lr.shape[-3] != 3 or not lr.is_floating_point():
         shape = tuple(lr.shape) if isinstance(lr, torch.Tensor) else type(lr).__name__
@@ -194,7 +200,7 @@ def _check_lr(lr: object, batch: object, ndims: tuple[int, ...] = (3, 4)) -> Non
 def upscale(model: nn.Module, lr: torch.Tensor, tile: int | None = None, overlap: int = 32,
             dtype: str | torch.dtype | Precision | None = "fp32", device: str | torch.device | None = None, *,
             batch: int = 4, color_fix: bool | None = None, clamp: bool = True, progress: bool = False,
-            log: Log | None = None, name: str = "image") -> torch.Tensor:
+            log: Log | None = None, name: str = "image", fp32_blocks: Sequence[str] | None = None) -> torch.Tensor:
     """Super-resolve ``lr`` in [0, 1] ((3,h,w) or (B,3,h,w), any h, w) -> SR in [0, 1] (fp32, on ``lr``'s device).
 
     ``tile``: LR tile side in px (rounded down to the model's multiple), ``None`` or 0 = one pass;
@@ -205,6 +211,8 @@ def upscale(model: nn.Module, lr: torch.Tensor, tile: int | None = None, overlap
     AdcSR's colour match once over the whole image (default: the model's own ``color_fix``).
     The result lives on ``lr``'s device, so a huge output can stay in CPU memory while tiles run
     on a GPU; to bound memory by the tile instead of the image, use :func:`upscale_to_png`.
+    ``fp32_blocks``: submodules that run in fp32 when the precision is fp16 (their activations
+    leave fp16's range; :func:`compress.inference.fp16.calibrate` finds them).
     """
     log = log or logger.warning
     _check_lr(lr, batch)
@@ -212,7 +220,8 @@ def upscale(model: nn.Module, lr: torch.Tensor, tile: int | None = None, overlap
     lr = lr[None] if single else lr
     job = _Job(model, lr, tile, overlap, dtype, device, batch, color_fix, log, name, progress)
     results = []
-    with torch.no_grad(), color_fix_off(model):  # not inference_mode: callers may edit the result in place
+    # not inference_mode: callers may edit the result in place
+    with torch.no_grad(), color_fix_off(model), _fp32_guard(model, fp32_blocks, job):
         for b in range(lr.shape[0]):
             where = name if lr.shape[0] == 1 else f"{name}[{b}]"
             bands, ref = job.bands(lr[b:b + 1], where)
@@ -290,7 +299,7 @@ def upscale_to_png(model: nn.Module, lr: torch.Tensor, path: str | os.PathLike, 
                    overlap: int = 32, dtype: str | torch.dtype | Precision | None = "fp32",
                    device: str | torch.device | None = None, *, batch: int = 4, color_fix: bool | None = None,
                    progress: bool = False, log: Log | None = None, name: str = "image",
-                   ram_bytes: int = 256 * 2**20) -> tuple[int, int]:
+                   ram_bytes: int = 256 * 2**20, fp32_blocks: Sequence[str] | None = None) -> tuple[int, int]:
     """Super-resolve one LR (3,h,w) in [0, 1] straight into an RGB PNG at ``path``; returns (height, width).
 
     The pixels are exactly those of ``upscale(...)`` saved as 8-bit PNG, but memory is bounded by
@@ -300,6 +309,7 @@ def upscale_to_png(model: nn.Module, lr: torch.Tensor, path: str | os.PathLike, 
     unnamed temp file beside ``path`` (4 bytes per value: 2.3 GB for a 16000x12000 output), and
     are mapped and written once the statistics are complete. The PNG is written atomically;
     a failed write (disk full, ...) is one :class:`~compress.io.WriteError` line and leaves nothing.
+    ``fp32_blocks``: as in :func:`upscale`.
     """
     from ..io import atomic_path, write_fault
     from .png import PngWriter
@@ -308,7 +318,8 @@ def upscale_to_png(model: nn.Module, lr: torch.Tensor, path: str | os.PathLike, 
     _check_lr(lr, batch, ndims=(3,))
     path = Path(path)
     job = _Job(model, lr, tile, overlap, dtype, device, batch, color_fix, log, name, progress)
-    with torch.no_grad(), color_fix_off(model), atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with torch.no_grad(), color_fix_off(model), _fp32_guard(model, fp32_blocks, job), \
+            atomic_path(path) as tmp, open(tmp, "wb") as fh:
         bands, ref = job.bands(lr[None], name)
         h, w = lr.shape[-2:]
         writer: PngWriter | None = None

@@ -1,0 +1,129 @@
+"""``python -m compress.export MODEL --format onnx|torch-export``: a deployable file, checked against eager.
+
+    python -m compress.export weights/ --format onnx --lr-size 128            # official AdcSR weights
+    python -m compress.export runs/adcsr-tiny --format onnx --dynamic --color-fix outside
+    python -m compress.export adcsr --size tiny --format torch-export --out tiny.pt2
+
+MODEL is what ``python -m compress.sr --model`` takes: an official AdcSR weights folder
+(``net_params_*.pkl`` + ``halfDecoder.ckpt``), an adc run folder or its ``student/``, or a zoo
+name with random weights. The file records how it was made (``--show FILE`` prints the record)
+and its parity with eager PyTorch fp32; exit code 1 when that parity is above ``--tolerance``.
+See :mod:`compress.deploy.export` for the graph's contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .deploy.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS, EXPORTERS, default_path, export_model
+from .cli import run_cli
+from .errors import AdcError
+
+__all__ = ["main"]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _lr_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or HxW, e.g. 128 or 96x128") from None
+    if len(sides) == 1:
+        return sides[0], sides[0]
+    if len(sides) == 2:
+        return sides[0], sides[1]
+    raise argparse.ArgumentTypeError(f"{text!r}: expected N or HxW, e.g. 128 or 96x128")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m compress.export",
+                                description="Export an adc SR model to ONNX or torch.export, with a parity check "
+                                            "against eager PyTorch and a record of how the file was made.")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="official AdcSR weights folder, adc run folder (or its student/), or a zoo name (adcsr)")
+    p.add_argument("--format", default="onnx", choices=tuple(EXPORT_FORMATS), help="onnx (default) or torch-export (.pt2)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output file (default: exports/<model>-<size|dyn>-<fix|nofix>.onnx|.pt2)")
+    p.add_argument("--lr-size", type=_lr_size, default=(128, 128), metavar="N|HxW",
+                   help="example LR size, a multiple of 16 (128); the only size a static graph runs")
+    p.add_argument("--dynamic", action="store_true", help="any LR size that is a multiple of 16 (batch stays 1)")
+    p.add_argument("--color-fix", choices=("inside", "outside", "none"), default=None,
+                   help="AdcSR's colour match in the graph (inside, the default for AdcSR) or left to the caller "
+                        "(outside: what compress.sr --backend onnxruntime needs for tiling)")
+    p.add_argument("--size", default="full", choices=("full", "tiny"), help="model widths (official weights: full)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({DEFAULT_OPSET})")
+    p.add_argument("--exporter", default="dynamo", choices=EXPORTERS,
+                   help="ONNX exporter: torch.onnx dynamo (default) or the older TorchScript one (much faster "
+                        "to export, same graph semantics)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"max abs difference to eager fp32 accepted by the parity check ({DEFAULT_TOLERANCE:g})")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check (no onnxruntime needed)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--show", type=Path, default=None, metavar="FILE", help="print the record of an exported file and exit")
+    return p
+
+
+def _stem(spec: str, size: str) -> str:
+    path = Path(spec)
+    return path.resolve().name if path.exists() else f"{spec}-{size}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from .deploy.export import read_export_record
+    from .sr import load_sr_model
+
+    if args.show is not None:
+        print(json.dumps(read_export_record(args.show), indent=2, sort_keys=True))
+        return 0
+    if args.model is None:
+        raise AdcError("MODEL is required (or --show FILE)")
+    if args.threads < 0:
+        raise AdcError(f"--threads {args.threads}: expected >= 0")
+    if args.out is not None and args.out.suffix != EXPORT_FORMATS[args.format]:
+        raise AdcError(f"--out {args.out}: a {args.format} file must end in {EXPORT_FORMATS[args.format]}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = load_sr_model(args.model, args.size, "cpu", log=_stderr)
+    fix = args.color_fix
+    if fix is None:
+        fix = "inside" if getattr(model, "color_fix", False) else "none"
+    out = args.out or default_path(_stem(args.model, args.size), args.format, args.lr_size, args.dynamic, fix)
+    path = Path(args.model)
+    source = f"{path.resolve()}" if path.exists() else f"zoo:{args.model} ({args.size}, random weights)"
+    res = export_model(model, out, args.format, args.lr_size, args.dynamic, fix, opset=args.opset,
+                       exporter=args.exporter, source=source, check=not args.no_check, tolerance=args.tolerance,
+                       log=_stderr)
+    rec = res.record
+    parity = rec.get("parity")
+    check = ("parity not checked" if parity is None else
+             f"max abs vs eager fp32 {parity['max_abs']:.2e} at {', '.join('x'.join(map(str, s)) for s in parity['sizes'])} "
+             f"({'ok' if parity['ok'] else 'ABOVE'} tolerance {parity['tolerance']:g})")
+    print(f"wrote {res.path} ({args.format}, {'dynamic' if rec['dynamic'] else 'static'} "
+          f"{rec['lr_size'][0]}x{rec['lr_size'][1]}, colour fix {rec['color_fix']}); {check}; "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    if parity is not None and not parity["ok"]:
+        _stderr(f"error: parity check failed: max abs {parity['max_abs']:.2e} > {parity['tolerance']:g} "
+                f"(the file is kept, with this result in its record)")
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
