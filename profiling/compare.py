@@ -33,7 +33,6 @@ import contextlib
 import gc
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -49,7 +48,6 @@ from torch import nn
 
 from compress.errors import AdcError
 from compress.io import atomic_path, atomic_write_text
-from compress.profile.counters import MacCounter, count_params
 from compress.profile.pipeline import ModelCounts, count_pipeline
 from compress.profile.latency import LatencyReport, measure_latency
 

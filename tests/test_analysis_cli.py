@@ -6,7 +6,6 @@ import time
 
 import pandas as pd
 import pytest
-import torch
 
 from compress.analysis.__main__ import main
 
@@ -65,3 +64,19 @@ def test_full_size_osediff_within_budget(tmp_path):
     assert cls["text_encoder"] == "removable" and cls["vae.encoder"] == "removable"
     assert cls["unet.time_embedding"] == "foldable"
     assert seconds <= 60 and rss_gib <= 6, (seconds, wall, rss_gib)
+
+
+def test_the_analysis_total_less_its_lora_products_is_the_deployed_count(tmp_path, one_thread):
+    """One MAC total per model: the analysis (LoRA unmerged) and profiling (merged) differ by the A/B products only."""
+    import re
+
+    from compress.families import get
+    from compress.profile.pipeline import count_pipeline
+
+    out = tmp_path / "a.md"
+    assert main(["--model", "osediff", "--size", "tiny", "--lr-size", "32", "--prompt", "dropped", "--out", str(out)]) == 0
+    line = next(ln for ln in out.read_text().splitlines() if "LoRA adapters unmerged" in ln)
+    lora, deployed = (float(x.replace(",", "")) for x in re.findall(r"([\d,]+\.\d+) G", line)[:2])
+    family = get("osediff")
+    counts = count_pipeline(family.pipeline_spec(), family.build_teacher("tiny", "meta"), lr_size=32)
+    assert lora > 0 and abs(deployed - counts.table["macs_total"].sum() / 1e9) < 0.01

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from compress.errors import AdcError
-from compress.profile import latency as lat
 from compress.profile import measure_latency, peak_memory
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from compress.errors import AdcError
 from compress.prune import presliced_width, remove_conditioning, slice_width, widen_module
-from compress.zoo.adcsr import (ADCSR, AdcSR, DecoderUpPath, build_adcsr, build_half_decoder, load_official,
+from compress.zoo.adcsr import (ADCSR, ADCSR_TINY, AdcSR, DecoderUpPath, build_adcsr, build_half_decoder, load_official,
                                 official_state_dicts)
 from compress.zoo.construct import count_parameters
 from compress.zoo.sd import build_unet
@@ -59,7 +59,7 @@ def test_tiny_chain_matches_adcsr_names_shapes_and_naive_slice_bit_for_bit():
     assert rec.params_after == count_parameters(student)
     assert unet.down_blocks[0].downsamplers[0].channels == 24 and unet.up_blocks[0].upsamplers[0].channels == 48
     with torch.no_grad():
-        assert unet(torch.randn(1, 12, 16, 16)).shape == (1, 16, 16, 16)
+        assert unet(torch.randn(1, 12, 16, 16)).shape == (1, ADCSR_TINY.feature_channels, 16, 16)
 
 
 def test_attention_scale_made_explicit():

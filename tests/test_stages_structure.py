@@ -30,6 +30,33 @@ def test_remove_then_prune_gives_the_adcsr_student_shapes(tmp_path, time):
     reference = build_adcsr("tiny")
     assert {k: v.shape for k, v in student.state_dict().items()} == \
         {k: v.shape for k, v in reference.state_dict().items()}
-    assert decoder.conv_in.in_channels == 4  # kept for the teacher and ground-truth paths
+    assert decoder.conv_in.in_channels == bundle.teacher().vae.config.latent_channels  # for the teacher and GT paths
     lr = torch.rand(1, 3, 32, 32) * 2 - 1
     assert torch.isfinite(student(lr)).all()
+
+
+def test_taylor_ranks_unet_channels_by_the_distillation_loss(tmp_path):
+    """importance: taylor calibrates on degraded training crops; same widths as magnitude, other channels."""
+    students = {}
+    for importance in ("magnitude", "taylor"):
+        r = load_recipe(ROOT / "recipes" / "adcsr-tiny.yaml", ["stages.prune.unet.method=channels",
+                                                               f"stages.prune.unet.channels.importance={importance}",
+                                                               "stages.prune.unet.calibration_images=2"])
+        bundle = Bundle(r, tmp_path / importance)
+        run_remove(bundle, r.stage("remove").config, tmp_path / importance / "remove")
+        run_prune(bundle, r.stage("prune").config, tmp_path / importance / "prune")
+        students[importance] = bundle.student.model.unet.state_dict()
+    mag, tay = students["magnitude"], students["taylor"]
+    assert {k: v.shape for k, v in mag.items()} == {k: v.shape for k, v in tay.items()}
+    assert not torch.equal(mag["down_blocks.0.resnets.0.conv1.weight"], tay["down_blocks.0.resnets.0.conv1.weight"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("stages.prune.decoder.channels.importance=taylor", "prune.decoder.channels.importance: taylor is for the unet"),
+    ("stages.prune.unet.calibration_images=3", "prune.unet.calibration_images: expected an even number"),
+])
+def test_taylor_settings_are_checked_on_load(override, match):
+    from compress.errors import AdcError
+
+    with pytest.raises(AdcError, match=match):
+        load_recipe(ROOT / "recipes" / "adcsr-tiny.yaml", [override])

@@ -127,7 +127,7 @@ def test_tiny_forward(trained):
     out = trained(lr)  # no prompt: the fixed empty-prompt token sequence goes through CLIP
     assert out.shape == (2, 3, 128, 128)
     assert torch.isfinite(out).all() and out.abs().max() <= 1
-    assert trained.teacher_latent(lr).shape == (2, 4, 16, 16)
+    assert trained.teacher_latent(lr).shape == (2, 16, 16, 16)  # the tiny teacher's 16-channel latent
     ids = empty_prompt_ids()
     assert ids.shape == (1, 77) and ids[0, :3].tolist() == [49406, 49407, 0]
     with pytest.raises(AdcError):
@@ -159,11 +159,12 @@ def test_merged_lora_matches_and_adcsr_variant_round_trip(trained, lr, emb, tmp_
     assert set(sd) == {"unet", "vae"} and "conv_in.weight" in sd["unet"]
     assert not any("lora" in k or "base_layer" in k for k in sd["unet"])
     # AdcSR's file: LoRA-merged weights, loaded strictly into plain diffusers modules.
-    plain = OSEDiff(build_unet("tiny"), build_vae("tiny"), build_text_encoder("tiny"), None,
+    plain = OSEDiff(build_unet("tiny", **OSEDIFF_TINY.unet_overrides), build_vae("tiny", **OSEDIFF_TINY.vae_overrides),
+                    build_text_encoder("tiny"), None,
                     replace(OSEDIFF_TINY, dape=None), add_lora=False).eval()
     assert not torch.allclose(plain(lr, emb), ref, atol=1e-3)
     load_adcsr_osediff(plain, path)
-    assert (plain(lr, emb) - ref).abs().max() < 1e-5  # merged LoRA == unmerged LoRA
+    assert (plain(lr, emb) - ref).abs().max() < 3e-5  # merged LoRA == unmerged LoRA (fp32 rounding)
     # merge_and_unload (what merge_lora does to both parts) on a copy of the VAE.
     vae = copy.deepcopy(trained.vae)
     assert merge_and_unload(vae) == len(lora_layers(trained.vae)) > 0 and not lora_layers(vae)
@@ -228,7 +229,7 @@ def test_load_osediff_from_local_sd_directory(trained, lr, emb, tmp_path):
     adcsr = atomic_torch_save(adcsr_osediff_state_dict(trained), tmp_path / "osediff_adcsr.pkl")
     merged = load_osediff_weights(tmp_path / "sd", adcsr, config=config)
     assert not merged.has_lora
-    assert (merged(lr, emb) - trained(lr, emb)).abs().max() < 1e-5
+    assert (merged(lr, emb) - trained(lr, emb)).abs().max() < 3e-5
     with pytest.raises(AdcError, match="missing"):
         load_osediff_weights(tmp_path / "nowhere", pkl, config=config)
 

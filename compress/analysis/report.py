@@ -93,6 +93,11 @@ def render_markdown(a: Analysis) -> str:
               "component: `rows` counts those); MACs outside every module (the pipeline's own resize and "
               "arithmetic) are shown apart. "
               f"Attention matmuls (QK^T, AV) are included: {_g(info.get('macs_attention', 0))} G of the total."]
+    lora = _lora_macs(info.get("mac_report"))
+    if lora:
+        lines += ["", f"The model is counted as it runs here, LoRA adapters unmerged: their A/B products are "
+                  f"{_g(lora)} G of the total. Merged into the weights, as deployed (and as `profiling.compare` "
+                  f"and a run's complexity table count it), the total is {_g(info.get('macs_total', 0) - lora)} G."]
     lines += ["", "## How the numbers were obtained", ""]
     lines += [f"- Task facts: {a.facts.describe()}.",
               f"- Dataflow: `torch.overrides.TorchFunctionMode` trace on {info.get('trace_device', 'meta')} at the "
@@ -221,3 +226,13 @@ def write_report(analysis: Analysis, path_md: str | os.PathLike, path_csv: str |
 
 
 __all__ = ["render_markdown", "write_report", "groups_csv_path", "pattern", "CLASSES"]
+
+
+def _lora_macs(report) -> int:
+    """MACs of the LoRA A/B layers (peft's ``lora_A``/``lora_B``; leaves only, so nothing is counted twice)."""
+    if report is None:
+        return 0
+    by = report.by_module if hasattr(report, "by_module") else report.get("by_module", {})
+    names = [n for n in by if ".lora_A." in f"{n}." or ".lora_B." in f"{n}."]
+    leaves = [n for n in names if not any(o != n and o.startswith(n + ".") for o in names)]
+    return int(sum(by[n]["total"] for n in leaves))

@@ -191,6 +191,14 @@ class ModelFamily:
         """The module ``train_teacher`` trains and checkpoints (default: the teacher itself)."""
         yield teacher
 
+    def teacher_autoencode(self, teacher: nn.Module, image: torch.Tensor) -> torch.Tensor | None:
+        """The teacher's image autoencoder, ``decode(encode(image))`` in [-1, 1], or None if it has none.
+
+        Training a tiny teacher fits it to HR images too: an SD VAE is an autoencoder, and AdcSR's
+        decoder pretraining (HR latents -> HR) and discriminator (HR latents as "real") rely on it.
+        """
+        return None
+
     def teacher_forward(self, teacher: nn.Module, lr: torch.Tensor, train: bool = False) -> torch.Tensor:
         """SR in [-1, 1] for LR in [-1, 1]: ``train=True`` as training the tiny teacher calls it (a
         family may sample there, as its training script does), else deterministic (for measuring)."""

@@ -182,6 +182,9 @@ class OSEDiffFamily(ModelFamily):
                   for p in m.parameters()}
         return [p for p in teacher.parameters() if id(p) not in frozen]
 
+    def teacher_autoencode(self, teacher: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        return teacher.decode(teacher.encode(image, sample=True))
+
     def teacher_forward(self, teacher: nn.Module, lr: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Training samples the LR latent (OSEDiff's ``latent_dist.sample()``), so the encoder learns a
         variance that ``test_osediff.py``'s sampled latent can live with; measuring uses the mode."""

@@ -33,11 +33,12 @@ def realsr_root() -> Path:
 
 def tiny_stage1_models(seed: int = 0):
     from ..zoo.adcsr import ADCSR_TINY, build_half_decoder
+    from ..zoo.osediff import OSEDIFF_TINY
     from ..zoo.sd import build_vae
     from .decoder_pretrain import DecoderModels
 
     torch.manual_seed(seed)
-    vae = build_vae("tiny")
+    vae = build_vae("tiny", **OSEDIFF_TINY.vae_overrides)  # the tiny teacher's VAE (its latent channels)
     decoder = build_half_decoder(ADCSR_TINY)
     return DecoderModels(vae=vae, decoder=decoder)
 
@@ -55,7 +56,7 @@ def tiny_stage2_parts(seed: int = 0, family: str | None = None) -> dict:
     torch.manual_seed(seed + 2)
     student = build_adcsr("tiny")
     torch.manual_seed(seed + 3)
-    disc_unet = build_unet("tiny")
+    disc_unet = build_unet("tiny", in_channels=_latent_channels(teacher), out_channels=_latent_channels(teacher))
     return {"student": student, "teacher": teacher, "decoder": decoder, "disc_unet": disc_unet,
             "family": family or FLAGSHIP}
 

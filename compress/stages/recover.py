@@ -147,17 +147,18 @@ def run_distill_needs(bundle, config: DistillConfig) -> list[str]:
 
 
 @torch.no_grad()
-def _distill_measure(student, teacher_feats, teacher_sr, lr01: torch.Tensor) -> dict[str, float]:
+def _distill_measure(student, teacher_feats, teacher_sr, lr01: torch.Tensor, hr01: torch.Tensor) -> dict[str, float]:
     from ..metrics import psnr_y
 
     device = next(teacher_feats.parameters()).device
     student.to(device)
     lr = (lr01 * 2 - 1).to(device)
     f_s, f_t = student.features(lr), teacher_feats(lr)
-    sr_s = (student(lr) + 1) / 2
-    sr_t = (teacher_sr(lr) + 1) / 2
+    sr_s = ((student(lr) + 1) / 2).clamp(0, 1)
+    sr_t = ((teacher_sr(lr) + 1) / 2).clamp(0, 1)
     return {"feature_l1": float((f_s - f_t).abs().mean()),
-            "psnr_student_vs_teacher": float(psnr_y(sr_s.clamp(0, 1), sr_t.clamp(0, 1)).mean())}
+            "psnr_student_vs_teacher": float(psnr_y(sr_s, sr_t).mean()),
+            "psnr_student_vs_hr": float(psnr_y(sr_s, hr01.to(device)).mean())}
 
 
 def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any]:
@@ -177,10 +178,11 @@ def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any
                             DecoderFeatures(copy.deepcopy(decoder).to(bundle.device))).eval()
     dbundle = feature_distill_bundle(student, decoder, parts, config, export_official=False)
     sr_teacher = lambda lr: bundle.family.teacher_forward(teacher, lr)  # noqa: E731
-    before = _distill_measure(student, feats, sr_teacher, lr_held) if lr_held is not None else None
+    hr_held = _eval_images(bundle, "hr") if lr_held is not None else None
+    before = _distill_measure(student, feats, sr_teacher, lr_held, hr_held) if lr_held is not None else None
     artifacts = run_stage(dbundle, config, stage_dir, write_student=False)
     student = artifacts.pop("model").adcsr.cpu().eval()
-    after = _distill_measure(student, feats, sr_teacher, lr_held) if lr_held is not None else None
+    after = _distill_measure(student, feats, sr_teacher, lr_held, hr_held) if lr_held is not None else None
     bundle.set_student(_trained(state, student))
     if before is not None:
         n = len(lr_held)
@@ -190,7 +192,10 @@ def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any
                 f"{before['feature_l1']:.4f} -> {after['feature_l1']:.4f} ({drop:.1f} % lower; {n} LR images, full size)",
             "PSNR-Y of student vs teacher SR on the eval LR images (dB), before -> after":
                 f"{before['psnr_student_vs_teacher']:.2f} -> {after['psnr_student_vs_teacher']:.2f}",
+            "PSNR-Y of student SR vs HR on the eval pairs (dB), before -> after":
+                f"{before['psnr_student_vs_hr']:.2f} -> {after['psnr_student_vs_hr']:.2f}",
         }
+        artifacts["measured_values"] = {"before": before, "after": after, "images": n}
     return _relative(bundle, artifacts)
 
 

@@ -120,6 +120,12 @@ class PartPrune:
     method: Literal["slice", "channels", "none"] = "slice"
     slice: SliceConfig = field(default_factory=SliceConfig)
     channels: ChannelPruneConfig = field(default_factory=ChannelPruneConfig)
+    # importance: taylor (UNet only): degraded crops of data.train_hr whose gradients rank the channels
+    calibration_images: int = 8
+
+    def validate(self, path: str) -> None:
+        if self.calibration_images < 2 or self.calibration_images % 2:
+            raise AdcError(f"{path}.calibration_images: expected an even number >= 2, got {self.calibration_images}")
 
 
 @dataclass
@@ -130,9 +136,57 @@ class PruneConfig:
     decoder: PartPrune = field(default_factory=lambda: PartPrune(method="channels",
                                                                   channels=ChannelPruneConfig(pruning_ratio=0.5)))
 
+    def validate(self, path: str) -> None:
+        if self.decoder.method == "channels" and self.decoder.channels.importance == "taylor":
+            raise AdcError(f"{path}.decoder.channels.importance: taylor is for the unet (its loss is the "
+                           "distillation's feature L1); choose magnitude or slice for the decoder")
 
-def _prune_part(bundle, model: nn.Module, part: PartPrune, path: str, example: torch.Tensor, chain: list
-                ) -> nn.Module:
+
+def run_prune_needs(bundle, config: PruneConfig) -> list[str]:
+    taylor = config.unet.method == "channels" and config.unet.channels.importance == "taylor"
+    needed = taylor and not bundle.recipe.data.train_hr and bundle.has_teacher_weights()  # meta: no values to rank
+    return ["data.train_hr (calibration images for importance: taylor)"] if needed else []
+
+
+def _taylor_calibration(bundle, decoder: nn.Module, unshuffle: int, images: int):
+    """``(batches, loss_fn)`` for ``importance: taylor`` on the student UNet.
+
+    The channels are ranked by the gradients of the loss distillation will minimise: L1 between
+    the student's decoder mid-block features and the teacher's, on ``images`` LR crops of the
+    training images (``task.lr_size``, degraded as in distillation, two per batch).
+    """
+    import copy
+
+    from ..data import RealESRGANDegradation
+    from ..recover.decoder_pretrain import hr_crops
+    from ..recover.distill import DecoderFeatures, TeacherFeatures
+
+    recipe, dev = bundle.recipe, next(decoder.parameters()).device
+    teacher = bundle.teacher()
+    parts = bundle.family.distill_parts(teacher, bundle.size, bundle.weights, bundle.options)
+    feats = TeacherFeatures(teacher, parts.teacher_latent, parts.decode_input, DecoderFeatures(decoder)).eval()
+    crops = hr_crops(list(recipe.data.train_hr), recipe.task.lr_size * recipe.task.scale, False, recipe.seed)
+    degrade = RealESRGANDegradation(recipe.data.degradation)
+    mid = copy.deepcopy(decoder.mid_block).requires_grad_(False)
+    down = nn.PixelUnshuffle(unshuffle)
+    current: dict[str, torch.Tensor] = {}
+
+    def batches():
+        for i in range(0, images, 2):
+            hr = torch.stack([crops[j % len(crops)] for j in (i, i + 1)])
+            lr = torch.cat([degrade(hr[k:k + 1], seed=recipe.seed * 100_003 + i + k) for k in range(2)]) * 2 - 1
+            with torch.no_grad():
+                current["target"] = feats(lr.to(dev))
+            yield down(lr.to(dev))
+
+    def loss_fn(out: torch.Tensor, _batch) -> torch.Tensor:
+        return (mid(out, None) - current["target"]).abs().mean()
+
+    return batches, loss_fn
+
+
+def _prune_part(bundle, model: nn.Module, part: PartPrune, path: str, example: torch.Tensor, chain: list,
+                calibration=None) -> nn.Module:
     from dataclasses import replace
 
     from ..prune import prune_channels, slice_width
@@ -148,7 +202,11 @@ def _prune_part(bundle, model: nn.Module, part: PartPrune, path: str, example: t
             cfg = replace(cfg, interfaces={**plan_part.interfaces} or cfg.interfaces,
                           ignore=tuple(cfg.ignore) + tuple(plan_part.kept))
             graph = bundle.plan.take_graph(path, model)
-        model, r = prune_channels(model, cfg, example, graph=graph)
+        on_meta = any(t.is_meta for t in model.parameters())  # prune_channels ranks nothing on meta
+        batches, loss_fn = calibration() if cfg.importance == "taylor" and calibration and not on_meta else (None, None)
+        with torch.enable_grad():  # taylor accumulates gradients
+            model, r = prune_channels(model, cfg, example, graph=graph, importance_batches=batches, loss_fn=loss_fn)
+        model.zero_grad(set_to_none=True)
     else:
         return model
     chain.append(r)
@@ -180,7 +238,8 @@ def run_prune(bundle, config: PruneConfig, stage_dir: Path) -> dict[str, Any]:
         unet, r = widen_module(unet, name, **kw)
         unet_chain.append(r)
     example = torch.randn(1, in_ch, 16, 16, device=dev)
-    unet = _prune_part(bundle, unet, config.unet, family.denoiser_path, example, unet_chain)
+    unet = _prune_part(bundle, unet, config.unet, family.denoiser_path, example, unet_chain,
+                       calibration=lambda: _taylor_calibration(bundle, decoder, unshuffle, config.unet.calibration_images))
     if unet.conv_in.in_channels != in_ch or unet.conv_out.out_channels != feature_ch:
         raise AdcError(f"stages.prune: the pruned UNet maps {unet.conv_in.in_channels}->{unet.conv_out.out_channels} "
                        f"channels, the student needs {in_ch}->{feature_ch}")

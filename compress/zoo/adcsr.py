@@ -65,8 +65,9 @@ class AdcSRConfig:
 
 
 ADCSR = AdcSRConfig()
+# AdcSR's cut of the tiny OSEDiff teacher: UNet at 75 % width, VAE decoder at 50 %, its 16-channel latent.
 ADCSR_TINY = AdcSRConfig(unet_block_out_channels=(24, 48, 48, 48), unet_heads=(2, 4, 4, 4),
-                         decoder_block_out_channels=(8, 16, 16, 16), decoder_norm_groups=8)
+                         decoder_block_out_channels=(8, 16, 32, 32), decoder_norm_groups=8, latent_channels=16)
 
 
 def regroup_norms(module: nn.Module, divisors: tuple[int, ...] = GN_DIVISORS) -> None:
