@@ -22,6 +22,9 @@ _FILE_HANDLER: logging.Handler | None = None
 
 def get_logger(name: str) -> logging.Logger:
     """The logger of an adc module (``compress.stages.evaluate`` -> ``adc.stages.evaluate``)."""
+    if name == "__main__":  # python -m compress.run: name it after the module, not the entry point
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None else "main"
     short = name.removeprefix("compress.").removeprefix("profiling.")
     return logging.getLogger(f"{ROOT}.{short}")
 
