@@ -256,7 +256,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help="LR tile side in px (a multiple of the model's 16); 0 or unset = whole image at once")
     p.add_argument("--overlap", type=int, default=32, metavar="M", help="LR px shared by neighbouring tiles (32)")
-    p.add_argument("--batch", type=int, default=4, help="tiles per forward pass (4)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="tiles per forward pass (default: 4 on a GPU, 1 on a CPU, where batching buys little and "
+                        "costs memory)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="fp32, or bf16/fp16 autocast (norms and softmax stay fp32; fp16 on CPU runs as bf16)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
@@ -332,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.tile is not None and args.tile < 0:
         raise AdcError(f"--tile {args.tile}: expected a positive number of px (or 0 for no tiling)")
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise AdcError(f"--batch {args.batch}: expected >= 1")
     if args.threads < 0:
         raise AdcError(f"--threads {args.threads}: expected >= 0 (0: torch's default)")
@@ -360,6 +362,7 @@ def _run_files(args: argparse.Namespace, model: nn.Module, files: Sequence[Path]
     from .deploy.runtime import ExportedSR
 
     tile = args.tile or None
+    batch = args.batch or (4 if model_device(model).type == "cuda" else 1)
     exported = isinstance(model, ExportedSR)
     if exported and args.dtype != "fp32":
         raise AdcError(f"--dtype {args.dtype}: an exported graph runs in the precision it was exported in (fp32); "
@@ -390,7 +393,7 @@ def _run_files(args: argparse.Namespace, model: nn.Module, files: Sequence[Path]
         if policy_needed:
             blocks, policy_needed = _fp16_blocks(args, model, lr, log), False
         try:
-            upscale_to_png(model, lr, dst, tile=tile, overlap=args.overlap, dtype=precision, batch=args.batch,
+            upscale_to_png(model, lr, dst, tile=tile, overlap=args.overlap, dtype=precision, batch=batch,
                            progress=True, log=log, name=str(src), fp32_blocks=blocks)
         except WriteError as exc:
             raise WriteError(f"{exc}; {written} of {len(files)} images were written before it") from None

@@ -45,6 +45,19 @@ def test_cli_writes_pngs_and_skips_unreadable_files(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # inputs untouched
 
 
+def test_tile_batch_defaults_to_one_on_a_cpu_and_follows_the_flag(tmp_path, monkeypatch):
+    import compress.sr as sr
+
+    seen = []
+    real = sr.upscale_to_png
+    monkeypatch.setattr(sr, "upscale_to_png", lambda *a, **kw: seen.append(kw["batch"]) or real(*a, **kw))
+    write_images(tmp_path / "lr")
+    base = ["--model", "adcsr", "--size", "tiny", "--input", str(tmp_path / "lr" / "a.png"), "--device", "cpu"]
+    assert main(base + ["--output", str(tmp_path / "one")]) == 0
+    assert main(base + ["--output", str(tmp_path / "three"), "--batch", "3"]) == 0
+    assert seen == [1, 3]  # batching buys little on a CPU and costs memory (reports/reliability.md)
+
+
 def test_cli_summary_line(tmp_path, capsys):
     src = tmp_path / "lr"
     src.mkdir()
