@@ -32,15 +32,16 @@ COMMANDS = {
 }
 
 
-def run_cli(body: Callable[[], int]) -> int:
-    """``body()``'s exit code, or the convention's for an :class:`AdcError` or Ctrl-C."""
+def run_cli(body: Callable[[], int], interrupted: str = "interrupted") -> int:
+    """``body()``'s exit code, or the convention's for an :class:`AdcError`, Ctrl-C (``interrupted``
+    on stderr, 130) or an unforeseen ``OSError``."""
     try:
         return body()
     except AdcError as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)  # one line, all of it
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     except OSError as exc:  # an environment fault no check foresaw (disk, permissions): still one line
         where = f"{exc.filename}: " if exc.filename else ""

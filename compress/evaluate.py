@@ -326,20 +326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated, from {','.join(DEFAULT_METRICS)} (default: all)")
     parser.add_argument("--device", default=None, help="device for learned metrics (default: cuda if available)")
     args = parser.parse_args(argv)
-    try:
-        df = evaluate_folders(args.sr, args.hr, metrics=args.metrics, device=args.device,
-                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
-        if not computed_metrics(df):
-            why = "; ".join(f"{k}: {v}" for k, v in df.attrs["unavailable"].items())
-            raise AdcError(f"no metric could be computed ({why}); nothing written")
-        out = Path(args.out) if args.out else _default_out(args.sr)
-        paths = write_reports(df, out)
-    except AdcError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from .cli import run_cli
+
+    return run_cli(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    df = evaluate_folders(args.sr, args.hr, metrics=args.metrics, device=args.device,
+                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not computed_metrics(df):
+        why = "; ".join(f"{k}: {v}" for k, v in df.attrs["unavailable"].items())
+        raise AdcError(f"no metric could be computed ({why}); nothing written")
+    out = Path(args.out) if args.out else _default_out(args.sr)
+    paths = write_reports(df, out)
     sys.stdout.write(paths["markdown"].read_text(encoding="utf-8"))
     print(f"wrote {paths['per_image']}, {paths['summary']}, {paths['markdown']}")
     return 0

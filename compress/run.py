@@ -227,17 +227,16 @@ def main(argv: list[str] | None = None) -> int:
                              "paths are relative to the working directory")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        run_dir = args.out or Path("runs") / recipe.name
-        only = [s.strip() for s in args.stages.split(",")] if args.stages else None
-        result = run_recipe(recipe, run_dir, resume=args.resume, only=only)
-    except AdcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted (finished stages are kept; continue with --resume)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    from .cli import run_cli
+
+    return run_cli(lambda: _run(args), interrupted="interrupted (finished stages are kept; continue with --resume)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = args.out or Path("runs") / recipe.name
+    only = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    result = run_recipe(recipe, run_dir, resume=args.resume, only=only)
     report = run_dir / "report.md"
     if report.is_file():
         print(f"report: {report}")

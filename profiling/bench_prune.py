@@ -278,8 +278,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except AdcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from compress.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -136,12 +136,10 @@ def _threads() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import run_cli
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(argv)
-    except AdcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_cli(lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import contextlib
 import os
 import platform
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -168,22 +167,13 @@ def peak_memory(device: str | torch.device = "cpu", sample_interval_s: float = 0
         return
 
     res.method = f"process RSS sampled by psutil every {sample_interval_s * 1e3:g} ms"
-    peak = [res.start_bytes]
-    stop = threading.Event()
+    from .memory import sampled_peaks
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            stop.wait(sample_interval_s)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
     try:
-        yield res
+        with sampled_peaks(lambda: {"rss": _rss()}, sample_interval_s) as peak:
+            yield res
     finally:
-        stop.set()
-        th.join()
-        res.peak_bytes = max(peak[0], _rss())
+        res.peak_bytes = peak["rss"]
         res.delta_bytes = max(0, res.peak_bytes - res.start_bytes)
 
 

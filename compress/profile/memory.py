@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -31,6 +31,29 @@ def _status() -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+@contextlib.contextmanager
+def sampled_peaks(read: Callable[[], dict[str, int]], interval_s: float) -> Iterator[dict[str, int]]:
+    """Peaks of ``read()``'s values while the block runs: a thread samples every ``interval_s`` and
+    once more at exit; the yielded dict is filled in as it goes (final on exit)."""
+    peak = dict(read())
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval_s):
+            for k, v in read().items():
+                peak[k] = max(peak.get(k, 0), v)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        th.join()
+        for k, v in read().items():
+            peak[k] = max(peak.get(k, 0), v)
 
 
 @dataclass
@@ -53,31 +76,16 @@ def track_memory(device: torch.device | str | None = None, interval_s: float = 0
     """Measure the block's memory; the yielded :class:`BlockMemory` is filled in on exit."""
     res = BlockMemory()
     start = _status()
-    peak = dict(start)
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(interval_s):
-            for k, v in _status().items():
-                peak[k] = max(peak.get(k, 0), v)
-
     cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    try:
+    with sampled_peaks(_status, interval_s) as peak:
         yield res
-    finally:
-        stop.set()
-        th.join()
-        for k, v in _status().items():
-            peak[k] = max(peak.get(k, 0), v)
-        res.peak_anon_mib = peak.get("RssAnon", 0) / MIB
-        res.anon_rise_mib = max(0, peak.get("RssAnon", 0) - start.get("RssAnon", 0)) / MIB
-        res.peak_rss_mib = peak.get("VmRSS", 0) / MIB
-        if cuda:
-            res.cuda_max_allocated_mib = torch.cuda.max_memory_allocated(device) / MIB
+    res.peak_anon_mib = peak.get("RssAnon", 0) / MIB
+    res.anon_rise_mib = max(0, peak.get("RssAnon", 0) - start.get("RssAnon", 0)) / MIB
+    res.peak_rss_mib = peak.get("VmRSS", 0) / MIB
+    if cuda:
+        res.cuda_max_allocated_mib = torch.cuda.max_memory_allocated(device) / MIB
 
 
-__all__ = ["track_memory", "BlockMemory"]
+__all__ = ["track_memory", "BlockMemory", "sampled_peaks"]
