@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from compress.analysis.__main__ import main
+from compress.zoo.osediff import OSEDIFF_TINY
 
 
 def test_cli_writes_markdown_and_csv(tmp_path, capsys, one_thread):
@@ -20,7 +21,8 @@ def test_cli_writes_markdown_and_csv(tmp_path, capsys, one_thread):
     summary = md[md.index("## Summary"):md.index("## How the numbers")]
     assert "| removable |" in summary and "| foldable |" in summary and "| prunable |" in summary
     assert "FlopCounterMode" in summary and "device meta" in summary and "float32" in summary  # no weights needed
-    assert "sample 1x4x16x16" in summary
+    latent = OSEDIFF_TINY.unet_overrides["in_channels"]
+    assert f"sample 1x{latent}x16x16" in summary  # the UNet's input at 32/8, latent width from the tiny config
     rows = pd.read_csv(out.with_suffix(".csv"))
     assert len(rows) > 100 and set(rows["classification"]) == {"removable", "foldable", "prunable", "keep"}
     groups = pd.read_csv(tmp_path / "reports" / "analysis.groups.csv")

@@ -71,6 +71,6 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
 
 
 def test_resolved_recipe_round_trips(tmp_path):
-    r = load_recipe(ROOT / "recipes" / "adcsr-tiny.yaml")
+    r = load_recipe(ROOT / "recipes" / "osediff-tiny-teacher.yaml")
     again = yaml.safe_load(yaml.safe_dump(r.to_dict()))
     assert again["stages"][0]["train_teacher"]["crop"] == r.stage("train_teacher").config.crop

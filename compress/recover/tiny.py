@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 
 from ..errors import AdcError
+from ..log import setup_logging
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hr", type=Path, default=None, help="HR folder (default: RealSR HR)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    setup_logging()  # each process logs its engine summary ("N process(es)") on stderr
     try:
         from .engine import EngineConfig
 
