@@ -33,6 +33,17 @@ OUT = REPO / "data" / "teachers" / "osediff-tiny.safetensors"
 TILE = 256
 
 
+def training_time(metrics_csv: Path) -> dict:
+    """Training time summed over the logged intervals (steps / steps_per_s of each ``metrics.csv`` row):
+    unlike the stage's own time it also counts the part before a ``--resume``, and no time between."""
+    import pandas as pd
+
+    m = pd.read_csv(metrics_csv)
+    per_interval = m["step"].diff().fillna(m["step"].iloc[0]) / m["steps_per_s"]
+    return {"train_time_s": round(float(per_interval.sum())),
+            "steps_per_s_median": round(float(m["steps_per_s"].median()), 3)}
+
+
 def cut_tiles(folders: list[Path], out: Path, tile: int = TILE) -> int:
     """Every HR image cut into non-overlapping ``tile`` px squares (the remainder dropped); returns the count."""
     from PIL import Image
@@ -152,8 +163,8 @@ def main() -> int:
                  "images": sum(len(list(p.glob('*.png'))) for p in args.hr), "tiles": n_tiles, "tile_px": TILE},
         "steps": done["artifacts"]["steps"],
         "seed": 0,
-        "wall_time_s": round(wall),
-        "steps_per_s": done["artifacts"].get("steps_per_s"),
+        **training_time(args.run_dir / "00-train_teacher" / "metrics.csv"),
+        "wall_time_s_this_call": round(wall),
         "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": 1, "device": "cpu",
                      "torch": torch.__version__, "python": platform.python_version(), "adc": compress.__version__},
         "held_out_eval": held_out,

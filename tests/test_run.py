@@ -16,7 +16,7 @@ FEW_STEPS = [
     "stages.pretrain_decoder.engine.max_steps=3", "stages.pretrain_decoder.engine.checkpoint_every=3",
     "stages.pretrain_decoder.disc_start=2",
     "stages.distill.engine.max_steps=3", "stages.distill.engine.checkpoint_every=3",
-    "stages.evaluate.limit=1", "stages.profile.repeats=1", "stages.profile.warmup=0",
+    "stages.evaluate.limit=1", "stages.profile.repeats=1", "stages.profile.warmup=0", "data.eval_limit=1",
 ]
 
 

@@ -147,18 +147,22 @@ def run_distill_needs(bundle, config: DistillConfig) -> list[str]:
 
 
 @torch.no_grad()
-def _distill_measure(student, teacher_feats, teacher_sr, lr01: torch.Tensor, hr01: torch.Tensor) -> dict[str, float]:
+def _teacher_targets(teacher_feats, teacher_sr, lr01: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher's features and SR on the eval LR images, computed once for both measurements."""
+    lr = (lr01 * 2 - 1).to(next(teacher_feats.parameters()).device)
+    return {"lr": lr, "features": teacher_feats(lr), "sr": ((teacher_sr(lr) + 1) / 2).clamp(0, 1)}
+
+
+@torch.no_grad()
+def _distill_measure(student, targets: dict[str, torch.Tensor], hr01: torch.Tensor) -> dict[str, float]:
     from ..metrics import psnr_y
 
-    device = next(teacher_feats.parameters()).device
-    student.to(device)
-    lr = (lr01 * 2 - 1).to(device)
-    f_s, f_t = student.features(lr), teacher_feats(lr)
+    lr = targets["lr"]
+    student.to(lr.device)
     sr_s = ((student(lr) + 1) / 2).clamp(0, 1)
-    sr_t = ((teacher_sr(lr) + 1) / 2).clamp(0, 1)
-    return {"feature_l1": float((f_s - f_t).abs().mean()),
-            "psnr_student_vs_teacher": float(psnr_y(sr_s, sr_t).mean()),
-            "psnr_student_vs_hr": float(psnr_y(sr_s, hr01.to(device)).mean())}
+    return {"feature_l1": float((student.features(lr) - targets["features"]).abs().mean()),
+            "psnr_student_vs_teacher": float(psnr_y(sr_s, targets["sr"]).mean()),
+            "psnr_student_vs_hr": float(psnr_y(sr_s, hr01.to(lr.device)).mean())}
 
 
 def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any]:
@@ -179,10 +183,11 @@ def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any
     dbundle = feature_distill_bundle(student, decoder, parts, config, export_official=False)
     sr_teacher = lambda lr: bundle.family.teacher_forward(teacher, lr)  # noqa: E731
     hr_held = _eval_images(bundle, "hr") if lr_held is not None else None
-    before = _distill_measure(student, feats, sr_teacher, lr_held, hr_held) if lr_held is not None else None
+    targets = _teacher_targets(feats, sr_teacher, lr_held) if lr_held is not None else None
+    before = _distill_measure(student, targets, hr_held) if targets is not None else None
     artifacts = run_stage(dbundle, config, stage_dir, write_student=False)
     student = artifacts.pop("model").adcsr.cpu().eval()
-    after = _distill_measure(student, feats, sr_teacher, lr_held, hr_held) if lr_held is not None else None
+    after = _distill_measure(student, targets, hr_held) if targets is not None else None
     bundle.set_student(_trained(state, student))
     if before is not None:
         n = len(lr_held)
