@@ -144,34 +144,42 @@ CRITERIA = (  # (row name, recipe overrides of the demo's prune stage)
 RECIPE = REPO / "recipes" / "adcsr-tiny.yaml"
 
 
-def criteria_table(work: Path, extra: list[str]) -> tuple[list[dict], dict]:
-    """Each criterion through the demo recipe (shipped teacher, same decoder, same recovery), up to evaluate."""
+def _criterion_run(work: Path, i: int, name: str, sets: list[str], extra: list[str]) -> dict:
+    """One criterion through the demo recipe up to evaluate, in its own process; its measured values."""
     import json
     import shutil
     import subprocess
 
-    rows = []
-    for i, (name, sets) in enumerate(CRITERIA):
-        run = work / f"criterion-{i}"
-        shutil.rmtree(run, ignore_errors=True)
-        methods = "[bicubic,teacher,student]" if i == 0 else "[student]"
-        cmd = [sys.executable, "-m", "compress.run", str(RECIPE), "--out", str(run),
-               "--stages", "analyse,remove,prune,pretrain_decoder,distill,evaluate",
-               *[a for o in sets + [f"stages.evaluate.methods={methods}"] + extra for a in ("--set", o)]]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise AdcError(f"{name}: the demo recipe failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        done = {d.parent.name.split("-", 1)[1]: json.loads(d.read_text())["artifacts"] for d in run.glob("*/DONE.json")}
-        m = done["distill"]["measured_values"]
-        ev = done["evaluate"]
-        rows.append({"criterion": name, "unet_widths": done["prune"]["unet_widths"], "params": done["prune"]["params_after"],
-                     "init": m["before"], "after": m["after"], "measure_images": m["images"],
-                     "eval_psnr": ev["means"]["student"]["psnr"], "eval_ssim": ev["means"]["student"]["ssim"],
-                     "eval_images": ev["n_images"], "seconds": time.perf_counter() - t0,
-                     "teacher_psnr": ev["means"].get("teacher", {}).get("psnr"),
-                     "bicubic_psnr": ev["means"].get("bicubic", {}).get("psnr")})
-        shutil.rmtree(run, ignore_errors=True)
+    run = work / f"criterion-{i}"
+    shutil.rmtree(run, ignore_errors=True)
+    methods = "[bicubic,teacher,student]" if i == 0 else "[student]"
+    cmd = [sys.executable, "-m", "compress.run", str(RECIPE), "--out", str(run),
+           "--stages", "analyse,remove,prune,pretrain_decoder,distill,evaluate",
+           *[a for o in sets + [f"stages.evaluate.methods={methods}"] + extra for a in ("--set", o)]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AdcError(f"{name}: the demo recipe failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    done = {d.parent.name.split("-", 1)[1]: json.loads(d.read_text())["artifacts"] for d in run.glob("*/DONE.json")}
+    m = done["distill"]["measured_values"]
+    ev = done["evaluate"]
+    shutil.rmtree(run, ignore_errors=True)
+    return {"criterion": name, "unet_widths": done["prune"]["unet_widths"], "params": done["prune"]["params_after"],
+            "init": m["before"], "after": m["after"], "measure_images": m["images"],
+            "eval_psnr": ev["means"]["student"]["psnr"], "eval_ssim": ev["means"]["student"]["ssim"],
+            "eval_images": ev["n_images"], "seconds": time.perf_counter() - t0,
+            "teacher_psnr": ev["means"].get("teacher", {}).get("psnr"),
+            "bicubic_psnr": ev["means"].get("bicubic", {}).get("psnr")}
+
+
+def criteria_table(work: Path, extra: list[str], jobs: int = 1) -> tuple[list[dict], dict]:
+    """Each criterion through the demo recipe (shipped teacher, same decoder, same recovery), up to evaluate;
+    ``jobs`` runs at once (each recipe run uses one thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(_criterion_run, work, i, name, sets, extra) for i, (name, sets) in enumerate(CRITERIA)]
+        rows = [f.result() for f in futures]
     return rows, {"teacher_psnr": rows[0]["teacher_psnr"], "bicubic_psnr": rows[0]["bicubic_psnr"]}
 
 
@@ -185,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="more overrides of the demo recipe, for every criterion")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="criteria run at once (one thread each)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = " ".join(["python", "profiling/bench_prune.py", *(sys.argv[1:] if argv is None else argv)])
     t0 = time.perf_counter()
 
     fold, dead, sl = fold_exactness(), dead_channel_exactness(), slice_exactness()
-    rows, info = criteria_table(args.work, args.set)
+    rows, info = criteria_table(args.work, args.set, args.jobs)
     wall = time.perf_counter() - t0
     tag = f"{DEVICE}, {DTYPE}"
     res = "LR 128x128 -> 512x512"
@@ -226,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"`{command}`", "",
           "# Structural stage: measured claims", "",
           f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} thread(s) here, 1 in each recipe run; wall time {wall:.0f} s.", "",
+          f"{args.threads} thread(s) here, 1 in each recipe run, {args.jobs} run(s) at once; wall time {wall:.0f} s.", "",
           "## 1. Exactness (tiny width, random init, fp32, CPU)", "",
           "| claim | measured | device, dtype, resolution |", "|---|---|---|",
           f"| `fold_timestep` at t=999 equals the original UNet | max abs {fold['max_abs']:.2e} "

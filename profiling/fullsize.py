@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="continue an interrupted run in --work (finished stages are kept, with their times)")
     p.add_argument("--levers", action="store_true")
     p.add_argument("--crops", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--lever", action="append", default=[], metavar="TEXT",
+                   help="only the levers whose name contains TEXT (repeatable; default: all)")
     p.add_argument("--out", type=Path, default=REPO / "reports" / "fullsize.md")
     args = p.parse_args(argv)
     log = print
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             has_bnb = False
         for crop in args.crops:
             for name, sets in LEVERS.items():
+                if args.lever and not any(t in name for t in args.lever):
+                    continue
                 if "adam8bit" in " ".join(sets) and not has_bnb:
                     lever_rows.append({"lever": name, "crop": crop, "status": "not run: bitsandbytes is not installed"})
                     continue
@@ -152,7 +156,8 @@ def write_report(args, stages: list[dict], levers: list[dict], seconds: float, w
     cmd = "python profiling/fullsize.py " + " ".join(
         a for a in (f"--steps {args.steps}", f"--crop {args.crop}", "--resume" if args.resume else "",
                     "--levers" if args.levers else "",
-                    "--crops " + " ".join(map(str, args.crops)) if args.levers else "") if a)
+                    "--crops " + " ".join(map(str, args.crops)) if args.levers else "",
+                    *(f"--lever {shlex.quote(t)}" for t in args.lever)) if a)
     L = ["# Full-size proof: `recipes/adcsr.yaml` on synthetic weights", "",
          f"Made by `{cmd}` on {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, fp32. Synthetic "
          "weights in every official layout (`profiling/synthetic_weights.py`: SD 2.1-base diffusers folder with "

@@ -115,3 +115,24 @@ def test_sr_cli_fp16_policy_choices(tmp_path, one_thread):
     path = calibrate(model, [lr_batch()])[0].save(tmp_path / "p.json")
     assert _fp16_blocks(Namespace(fp16_policy=str(path)), model, None, lambda m: None) == load_policy(path).keep_fp32
     assert _fp16_blocks(Namespace(fp16_policy="off"), model, first, lambda m: None) is None
+
+
+def test_fp16_report_measures_the_runs_shipped_teacher(tmp_path):
+    """``python -m compress.deploy.fp16 RUN --teacher`` loads the teacher the run's stages used: here the
+    demo's shipped checkpoint, through the run's family (no train_teacher stage in the run)."""
+    import yaml
+
+    from compress.deploy.fp16 import load_teacher
+    from compress.io import load_safetensors
+    from compress.recipe import load_recipe
+    from helpers import REPO
+
+    recipe = load_recipe(REPO / "recipes" / "adcsr-tiny.yaml")
+    (tmp_path / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    teacher = load_teacher(tmp_path)
+    shipped = load_safetensors(recipe.models.checkpoint)
+    got = teacher.state_dict()
+    assert got.keys() == shipped.keys()
+    assert all(torch.equal(got[k], shipped[k].to(got[k].dtype)) for k in shipped)
+    with pytest.raises(AdcError, match="not a run folder"):
+        load_teacher(tmp_path / "elsewhere")

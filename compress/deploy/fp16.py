@@ -9,7 +9,7 @@ the units above ``65504 / --safety`` (kept in fp32 by the policy); with ``--chec
 again under fp16 autocast without and with the policy: finite or not, and the max abs difference
 to fp32 in [0, 1] output units. ``--policy FILE`` writes the policy for ``compress.sr --dtype fp16
 --fp16-policy FILE``. MODEL is what ``compress.sr --model`` takes; with ``--teacher`` and a run
-folder, the run's trained tiny OSEDiff-shaped teacher is measured instead of its student.
+folder, the run's teacher (trained by it or shipped) is measured instead of its student.
 Random weights say little about real activations: measure the weights you deploy.
 """
 
@@ -39,16 +39,24 @@ DEFAULT_INPUTS = (REPO.parent / "shared" / "data" / "realsr" / "LR", REPO / "dat
 
 
 def load_teacher(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The tiny OSEDiff-shaped teacher a run trained (``NN-train_teacher/teacher.safetensors``)."""
-    from ..io import load_safetensors
-    from ..zoo.osediff import build_osediff
+    """The teacher of a run, as its stages loaded it: the run's family and size, with the weights its
+    ``train_teacher`` stage wrote or its recipe's ``models.checkpoint`` (the demo's shipped teacher)."""
+    import json
 
-    found = sorted(Path(run_dir).glob("[0-9][0-9]-*/teacher.safetensors"))
-    if not found:
-        raise AdcError(f"--teacher: {run_dir} has no NN-*/teacher.safetensors (a run of recipes/adcsr-tiny.yaml has one)")
-    model = build_osediff("tiny", "cpu")
-    model.load_state_dict(load_safetensors(found[-1]))
-    return model.to(device).eval()
+    from ..bundle import Bundle
+    from ..recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    resolved = run_dir / "recipe.resolved.yaml"
+    if not resolved.is_file():
+        raise AdcError(f"--teacher: {run_dir} is not a run folder (no recipe.resolved.yaml)")
+    bundle = Bundle(load_recipe(resolved), run_dir)
+    for done in sorted(run_dir.glob("[0-9][0-9]-train_teacher/DONE.json")):
+        bundle.artifacts["train_teacher"] = json.loads(done.read_text())["artifacts"]
+    if not bundle.has_teacher_weights():
+        raise AdcError(f"--teacher: the run in {run_dir} has no teacher weights (no train_teacher stage, no "
+                       "models.checkpoint, no official weights): nothing real to measure")
+    return bundle.teacher().to(device).eval()
 
 
 def load_inputs(folder: Path, max_images: int, crop: int, multiple: int) -> list[tuple[str, torch.Tensor]]:
@@ -162,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compress.deploy.fp16", description=__doc__.split("\n")[0])
     p.add_argument("model", metavar="MODEL", help="official AdcSR weights folder, run folder, student/, or zoo name")
     p.add_argument("--size", default="full", choices=("full", "tiny"))
-    p.add_argument("--teacher", action="store_true", help="measure the run's trained tiny OSEDiff teacher")
+    p.add_argument("--teacher", action="store_true", help="measure the run's teacher (trained or shipped) instead of its student")
     p.add_argument("--input", type=Path, default=None,
                    help="LR images (default: ../shared/data/realsr/LR, else data/samples/realsr/LR)")
     p.add_argument("--max-images", type=int, default=20)
@@ -186,7 +194,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         raise AdcError(f"--max-images {args.max_images} / --crop {args.crop}: expected >= 1 / >= 16")
     if args.teacher:
         model = load_teacher(args.model, args.device)
-        title = f"the trained tiny OSEDiff teacher of {args.model}"
+        title = f"the teacher of the run {Path(args.model).name}"
     else:
         model = load_sr_model(args.model, args.size, args.device, log=log)
         title = f"{type(model).__name__} from {args.model}" + (f" ({args.size})" if not Path(args.model).exists() else "")
