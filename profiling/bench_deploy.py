@@ -101,7 +101,19 @@ def official_from_repo(repo: Path, model: nn.Module) -> tuple[Callable[[torch.Te
         return (sr - sr.mean(dim=[2, 3], keepdim=True)) / sr.std(dim=[2, 3], keepdim=True) \
             * lr.std(dim=[2, 3], keepdim=True) + lr.mean(dim=[2, 3], keepdim=True)
 
-    return forward, f"official model.py from {repo} (Net + decoder tail + colour match, as test.py)"
+    return forward, f"official model.py of Guaishou74851/AdcSR{_commit(repo)} (Net + decoder tail + colour match, as test.py)"
+
+
+def _commit(repo: Path) -> str:
+    """`` at commit abc1234`` of a git clone, or nothing."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f" at commit {head}" if head else ""
 
 
 def official_reference(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
@@ -370,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     o = _parser().parse_args(argv)
     o.variants = tuple(v.strip() for v in o.variants.split(",") if v.strip())
     o.exports = tuple(v.strip() for v in o.exports.split(",") if v.strip() and v.strip() != "none")
-    command = "python profiling/bench_deploy.py" + (" " + shlex.join(argv) if argv else "")
+    # no machine paths in a report: the clone is named by what it is, with its commit in the label
+    shown = [("ADCSR_CLONE" if i and argv[i - 1] == "--official-repo" else a) for i, a in enumerate(argv)]
+    command = "python profiling/bench_deploy.py" + (" " + shlex.join(shown) if argv else "")
 
     def body() -> int:
         bad = [v for v in o.variants if v not in VARIANTS]
