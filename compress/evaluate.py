@@ -26,11 +26,10 @@ says why in one line and exits 2 without writing reports.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -53,8 +52,6 @@ __all__ = [
     "pair_folders",
     "pair_images",
     "parse_metric_names",
-    "psnr_y",
-    "ssim_y",
     "summarize",
     "write_reports",
 ]
@@ -64,13 +61,6 @@ DEFAULT_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", 
 _BUILTIN = ("psnr", "ssim")
 _ALIASES = {"maniqa-pipal": "maniqa", "clip-iqa": "clipiqa", "psnry": "psnr"}
 _LOWER_BETTER = {"psnr": False, "ssim": False, **{k: v.lower_better for k, v in LEARNED_METRICS.items()}}
-
-
-def __getattr__(name: str) -> Any:
-    """``psnr_y`` / ``ssim_y`` re-exported lazily for training code (PEP 562)."""
-    if name in ("psnr_y", "ssim_y"):
-        return getattr(importlib.import_module(".metrics.psnr_ssim", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_metric_names(metrics: str | Iterable[str]) -> list[str]:

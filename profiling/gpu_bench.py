@@ -232,7 +232,7 @@ def _time_onnx(o: GpuBenchOptions, log) -> BenchRow:
         binding.bind_input("lr", kind, index, np.float32, tuple(x.shape), x.data_ptr())
         binding.bind_output("sr", kind, index, np.float32, tuple(y.shape), y.data_ptr())
 
-        def run() -> torch.Tensor:
+        def run(sess=sess) -> torch.Tensor:
             sess.run_with_iobinding(binding)  # returns after the provider has synchronised
             return y
 

@@ -28,3 +28,11 @@ def save_sd_dir(model, root: Path) -> Path:
         plain.load_state_dict({plain_key(k): v for k, v in src.state_dict().items() if plain_key(k) is not None})
         plain.save_pretrained(root / name)
     return root
+
+
+def tiny_distill_recipe(name: str, data: str, distill: str, tail: str = "") -> str:
+    """A recipe for runner tests: the tiny OSEDiff (random weights) -> remove -> prune -> distill
+    (``distill``: the stage's YAML flow mapping), then ``tail`` (more stage lines)."""
+    return (f"name: {name}\nseed: 0\ndevice: cpu\nthreads: 1\nmodels: {{family: osediff, size: tiny}}\n"
+            f"task: {{lr_size: 32}}\ndata: {data}\nstages:\n  - remove: {{init: teacher}}\n  - prune: {{}}\n"
+            f"  - distill: {distill}\n{tail}")

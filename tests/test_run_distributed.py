@@ -9,24 +9,14 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, tiny_distill_recipe
 from test_recover_ddp import free_port
 
 SAMPLES = REPO / "data" / "samples" / "realsr"
-RECIPE = f"""
-name: two
-seed: 0
-device: cpu
-threads: 1
-models: {{family: osediff, size: tiny}}
-task: {{lr_size: 32}}
-data: {{train_hr: [{SAMPLES / 'HR'}], eval_lr: {SAMPLES / 'LR'}, eval_hr: {SAMPLES / 'HR'}, eval_limit: 1}}
-stages:
-  - remove: {{init: teacher}}
-  - prune: {{}}
-  - distill: {{crop: 64, prompt: empty, adv_weight: 0.1, engine: {{max_steps: 2, batch_size: 2, checkpoint_every: 1}}}}
-  - report: {{}}
-"""
+RECIPE = tiny_distill_recipe(
+    "two", f"{{train_hr: [{SAMPLES / 'HR'}], eval_lr: {SAMPLES / 'LR'}, eval_hr: {SAMPLES / 'HR'}, eval_limit: 1}}",
+    "{crop: 64, prompt: empty, adv_weight: 0.1, engine: {max_steps: 2, batch_size: 2, checkpoint_every: 1}}",
+    "  - report: {}\n")
 
 
 def _launch(args, tmp_path):

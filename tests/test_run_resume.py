@@ -11,23 +11,13 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from helpers import REPO
+from helpers import REPO, tiny_distill_recipe
 
 SAMPLES = REPO / "data" / "samples" / "realsr"
-RECIPE = f"""
-name: killed
-seed: 0
-device: cpu
-threads: 1
-models: {{family: osediff, size: tiny}}
-task: {{lr_size: 32}}
-data: {{train_hr: [{SAMPLES / 'HR'}]}}
-stages:
-  - remove: {{init: teacher}}
-  - prune: {{}}
-  - distill: {{crop: 64, prompt: empty, adv_weight: 0.1, adv_start: 3,
-              engine: {{max_steps: 8, batch_size: 2, checkpoint_every: 2, keep_checkpoints: 2}}}}
-"""
+RECIPE = tiny_distill_recipe(
+    "killed", f"{{train_hr: [{SAMPLES / 'HR'}]}}",
+    "{crop: 64, prompt: empty, adv_weight: 0.1, adv_start: 3, "
+    "engine: {max_steps: 8, batch_size: 2, checkpoint_every: 2, keep_checkpoints: 2}}")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
