@@ -82,6 +82,10 @@ class Bundle:
             self._cache[key] = factory()
         return self._cache[key]
 
+    def forget(self, key: str) -> None:
+        """Drop a cached model (a stage changed it in place); the next use builds or loads it again."""
+        self._cache.pop(key, None)
+
     def rel(self, path: str | Path) -> str:
         """``path`` relative to the run directory, as artifacts store it (a run directory can be moved)."""
         import os

@@ -95,6 +95,7 @@ def _outcome(rc: int, out: str, err: str, seconds: float) -> Outcome:
     line = " / ".join(picked[:2]) if picked else (lines[-1] if lines else "")
     if _WORK[0]:
         line = line.replace(_WORK[0], "$WORK")
+    line = line.replace(str(REPO), "$REPO")  # no machine paths in the report
     line = re.sub(r"(done: .*skipped), [0-9.]+ s ->", r"\1, ... s ->", line)
     return Outcome(rc, line, "Traceback" in err, seconds, "random weights" in err)
 

@@ -180,12 +180,15 @@ def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any
     lr_held = _eval_images(bundle, "lr")
     feats = TeacherFeatures(teacher, parts.teacher_latent, parts.decode_input,
                             DecoderFeatures(copy.deepcopy(decoder).to(bundle.device))).eval()
-    dbundle = feature_distill_bundle(student, decoder, parts, config, export_official=False)
     sr_teacher = lambda lr: bundle.family.teacher_forward(teacher, lr)  # noqa: E731
     hr_held = _eval_images(bundle, "hr") if lr_held is not None else None
+    # the teacher's targets in its own precision, before a frozen_dtype lever casts it in place
     targets = _teacher_targets(feats, sr_teacher, lr_held) if lr_held is not None else None
+    dbundle = feature_distill_bundle(student, decoder, parts, config, export_official=False)
     before = _distill_measure(student, targets, hr_held) if targets is not None else None
     artifacts = run_stage(dbundle, config, stage_dir, write_student=False)
+    if config.frozen_dtype != "fp32":
+        bundle.forget("teacher")  # cast to bf16/fp16 for training: later stages load it again at full precision
     student = artifacts.pop("model").adcsr.cpu().eval()
     after = _distill_measure(student, targets, hr_held) if targets is not None else None
     bundle.set_student(_trained(state, student))
