@@ -724,13 +724,18 @@ def main(argv: list[str] | None = None) -> int:
     if len(names) < len(SECTIONS) and args.out.exists():
         # A partial run re-measures its sections inside the existing report; the others stay as they were.
         old = args.out.read_text()
-        head[2] = (head[2].split(" in ")[0].replace("Made by", "Sections re-measured by") +
-                   f" in {time.perf_counter() - t0:.0f} s; the rest by the full command.")
+        this = head[2].split(" in ")[0].replace("Made by ", "") + f" in {time.perf_counter() - t0:.0f} s"
         text = merge_sections(old, parts)
         lines = text.split("\n")
         first_section = next((i for i, ln in enumerate(lines) if ln.startswith("## ")), len(lines))
+        earlier = [ln for ln in lines[:first_section] if ln.startswith("Sections re-measured by")]
         kept_head = [ln for ln in lines[:first_section] if not ln.startswith("Sections re-measured by")]
-        atomic_write_text(args.out, "\n".join(kept_head[:3] + [head[2]] + kept_head[3:] + lines[first_section:]))
+        # every partial run stays listed (earlier ones first): which command measured which section
+        runs = [r for r in (earlier[0].removeprefix("Sections re-measured by ").removesuffix(
+            "; the rest by the full command.").split("; ") if earlier else []) if r]
+        runs = [r for r in runs if r.split(" in ")[0] != this.split(" in ")[0]] + [this]
+        line = "Sections re-measured by " + "; ".join(runs) + "; the rest by the full command."
+        atomic_write_text(args.out, "\n".join(kept_head[:3] + [line] + kept_head[3:] + lines[first_section:]))
     else:
         atomic_write_text(args.out, "\n".join(head + notes + ([""] if notes else [])) + "\n" + "\n".join(parts))
     print(f"wrote {args.out}")
