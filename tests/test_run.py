@@ -17,6 +17,7 @@ FEW_STEPS = [
     "stages.pretrain_decoder.disc_start=2",
     "stages.distill.engine.max_steps=3", "stages.distill.engine.checkpoint_every=3",
     "stages.evaluate.limit=1", "stages.profile.repeats=1", "stages.profile.warmup=0", "data.eval_limit=1",
+    "stages.distill.frozen_dtype=bf16",  # the memory lever: the teacher is cast for training only (checked below)
 ]
 
 
@@ -47,6 +48,25 @@ def test_tiny_recipe_runs_every_stage_and_writes_the_report(tiny_run):
     assert profile["ratios"]["params"] < 0.35 and profile["ratios"]["macs_total"] < 0.3
     evaluate = json.loads(next(out.glob("*-evaluate/DONE.json")).read_text())["artifacts"]
     assert set(evaluate["means"]) == {"bicubic", "teacher", "student"}
+
+
+def test_the_bf16_lever_leaves_evaluate_the_fp32_teacher(tiny_run, one_thread):  # the run used 1 thread
+    """``distill.frozen_dtype: bf16`` casts the frozen teacher for training only: the evaluate stage
+    after it writes exactly what a freshly loaded fp32 teacher gives."""
+    import numpy as np
+    from PIL import Image
+
+    from compress.bundle import Bundle
+
+    out, _ = tiny_run
+    ev = next(out.glob("*-evaluate"))
+    name = next((ev / "teacher").glob("*.png")).name
+    lr01 = torch.from_numpy(np.asarray(Image.open(ev / "LR" / name).convert("RGB")).copy()).permute(2, 0, 1)[None] / 255
+    bundle = Bundle(load_recipe(ROOT / "recipes" / "adcsr-tiny.yaml", FEW_STEPS), out)
+    with torch.no_grad():
+        sr = bundle.family.evaluate_teacher(bundle.teacher(), lr01.float())
+    fresh = (sr[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(fresh, np.asarray(Image.open(ev / "teacher" / name).convert("RGB")))
 
 
 def test_the_run_directory_is_a_model_for_compress_sr(tiny_run):

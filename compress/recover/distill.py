@@ -256,24 +256,28 @@ def build_setup(bundle: DistillBundle, config: DistillConfig, dataset: Dataset) 
         with torch.no_grad():
             inputs = bundle.make_inputs(batch, ctx.device)
         gan_on = use_adv and ctx.step >= config.adv_start
-        with ctx.autocast():
-            with torch.no_grad(), capture(bundle.teacher, t_names) as t_cap:
-                t_out = call(bundle.teacher, inputs["teacher"])
-            with capture(ctx.unwrap("student"), s_names) as s_cap:
-                s_out = call(ctx.model("student"), inputs["student"])
-            terms = {}
-            for p in bundle.pairs:
-                s = upcast(pick(p.student, s_out, s_cap, "student"))
-                t = upcast(pick(p.teacher, t_out, t_cap, "teacher")).to(s.dtype)
-                if s.shape != t.shape:
-                    raise AdcError(f"feature pair {p.name!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
-                terms[p.name] = loss_fns[p.name](s, t)
-            fake = pick(adv_on, s_out, s_cap, "student") if use_adv else None
-            if gan_on:  # before adv_start the term is not logged (missing in metrics.csv, not 0)
-                d = ctx.unwrap("discriminator")
-                with frozen_parameters(d):
+        with contextlib.ExitStack() as d_frozen:
+            if gan_on:
+                # D frozen through the student's backward too: a checkpointed D recomputes its blocks
+                # in backward, and must save the same tensors as in its (frozen) forward
+                d_frozen.enter_context(frozen_parameters(ctx.unwrap("discriminator")))
+            with ctx.autocast():
+                with torch.no_grad(), capture(bundle.teacher, t_names) as t_cap:
+                    t_out = call(bundle.teacher, inputs["teacher"])
+                with capture(ctx.unwrap("student"), s_names) as s_cap:
+                    s_out = call(ctx.model("student"), inputs["student"])
+                terms = {}
+                for p in bundle.pairs:
+                    s = upcast(pick(p.student, s_out, s_cap, "student"))
+                    t = upcast(pick(p.teacher, t_out, t_cap, "teacher")).to(s.dtype)
+                    if s.shape != t.shape:
+                        raise AdcError(f"feature pair {p.name!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+                    terms[p.name] = loss_fns[p.name](s, t)
+                fake = pick(adv_on, s_out, s_cap, "student") if use_adv else None
+                if gan_on:  # before adv_start the term is not logged (missing in metrics.csv, not 0)
+                    d = ctx.unwrap("discriminator")
                     terms["adv_g"] = generator_adv_loss(upcast(call_disc(d, fake, inputs)), config.adv_loss)
-        ctx.optimize("student", terms, weights)
+            ctx.optimize("student", terms, weights)
         if gan_on:
             with ctx.autocast():
                 with torch.no_grad():

@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="generator / decoder learning rate")
     ap.add_argument("--adv-weight", type=float, default=None)
     ap.add_argument("--float64", action="store_true", help="run the models in float64 (exactness tests)")
+    ap.add_argument("--checkpointing", action="store_true", help="engine.gradient_checkpointing (student and D)")
     ap.add_argument("--hr", type=Path, default=None, help="HR folder (default: RealSR HR)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         from .engine import EngineConfig
 
         engine = EngineConfig(max_steps=args.steps, batch_size=args.batch, gradient_accumulation_steps=args.accum,
-                              checkpoint_every=args.every, log_every=1, cpu=True, seed=args.seed, progress=False)
+                              checkpoint_every=args.every, log_every=1, cpu=True, seed=args.seed, progress=False,
+                              gradient_checkpointing=args.checkpointing)
         hr = [args.hr or realsr_root() / "HR"]
         from .decoder_pretrain import hr_crops
 
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             parts = tiny_stage2_parts(args.seed)
             if args.float64:
                 for m in parts.values():
-                    m.double()
+                    if isinstance(m, torch.nn.Module):
+                        m.double()
             bundle = tiny_stage2_bundle(cfg, args.seed, parts)
             out = run_stage(bundle, cfg, args.run_dir, dataset=data)
     except AdcError as exc:
