@@ -141,7 +141,7 @@ def main() -> int:
     from compress.io import load_safetensors, save_safetensors
 
     done = json.loads((args.run_dir / "00-train_teacher" / "DONE.json").read_text())
-    weights = args.run_dir / "00-train_teacher" / done["artifacts"]["weights"]
+    weights = args.run_dir / done["artifacts"]["weights"]  # artifacts are relative to the run directory
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in load_safetensors(weights).items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(state, args.out)

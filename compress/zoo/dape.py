@@ -316,7 +316,8 @@ class DAPE(nn.Module):
         """[0,1] images -> one ", "-joined tag string per image (RAM's per-class thresholds)."""
         if len(tag_list) != self.config.num_classes:
             raise AdcError(f"tag list has {len(tag_list)} entries, the model has {self.config.num_classes} classes")
-        probs = torch.sigmoid(self(self.preprocess(image01)))
+        dtype = next(self.visual_encoder.parameters()).dtype  # the model may run in bf16/fp16 (distill.frozen_dtype)
+        probs = torch.sigmoid(self(self.preprocess(image01.float()).to(dtype)).float())  # resize in fp32
         hits = probs > self.class_threshold.to(probs.device)
         if exclude:
             hits[:, list(exclude)] = False
