@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = sum(r["seconds"] for r in stage_rows)  # the stages' own times, also across a resumed run
     lever_rows = []
     if args.levers:
+        main_summary = next(iter(run.glob("*-distill/summary.json")), None)
+        if main_summary is not None:  # the official settings, as the main run's stage 2 measured them
+            lever_rows.append(_lever_row("official (fp32 frozen, Adam): the main run's stage 2", args.crop,
+                                         json.loads(main_summary.read_text()), f"{args.steps} steps"))
         try:
             import bitsandbytes  # noqa: F401
 
@@ -136,14 +140,18 @@ def main(argv: list[str] | None = None) -> int:
                 if rc != 0 or not summary.is_file():
                     lever_rows.append({"lever": name, "crop": crop, "status": f"failed: {out.strip().splitlines()[-1][:160]}"})
                     continue
-                s = json.loads(summary.read_text())
-                lever_rows.append({"lever": name, "crop": crop, "status": "ok", "step_s": s["seconds"],
-                                   "peak_anon_gib": s["memory"]["peak_anon_mib"] / 1024,
-                                   "cuda_gib": (s["memory"]["cuda_max_allocated_mib"] or 0) / 1024 or None})
+                lever_rows.append(_lever_row(name, crop, json.loads(summary.read_text()), "ok"))
                 shutil.rmtree(lr, ignore_errors=True)
     write_report(args, stage_rows, lever_rows, seconds, write_s, _disk(run), run)
     log(f"wrote {args.out}")
     return 0
+
+
+def _lever_row(name: str, crop: int, summary: dict, status: str) -> dict:
+    m = summary["memory"]
+    return {"lever": name, "crop": crop, "status": status, "step_s": summary["seconds"] / max(1, summary["steps_this_run"]),
+            "peak_anon_gib": m["peak_anon_mib"] / 1024, "peak_rss_gib": m["peak_rss_mib"] / 1024,
+            "cuda_gib": (m["cuda_max_allocated_mib"] or 0) / 1024 or None}
 
 
 def write_report(args, stages: list[dict], levers: list[dict], seconds: float, write_s: float, disk_mib: float,
@@ -178,13 +186,20 @@ def write_report(args, stages: list[dict], levers: list[dict], seconds: float, w
           "count file pages mapped from safetensors, and unlike the process's lifetime peak it is measured per stage.", ""]
     if levers:
         L += ["## Memory levers of stage 2 (one training step, batch 1)", "",
-              "Each row is a fresh run of remove -> prune -> distill with one step; the number is the training "
-              "loop's peak anonymous memory (CUDA max allocated on a GPU), from the engine's `summary.json`.", "",
-              "| lever | HR crop | step time (s) | peak memory (GiB) | status |", "|---|---|---|---|---|"]
+              "Each lever row is a fresh run of remove -> prune -> distill with one step; the first row is the "
+              "main run's stage 2 (official settings). Memory is the training loop's, from the engine's "
+              "`summary.json`: CUDA max allocated on a GPU; on a CPU the peak anonymous memory and the peak RSS. "
+              "On a CPU both matter: fp32 weights are read from memory-mapped safetensors (file pages, in RSS "
+              "only), while a weight cast to bf16 is a new anonymous copy at half the size, so a bf16 lever can "
+              "raise the anonymous peak while it lowers what the process holds in all (RSS). Step times come from "
+              "a shared machine under different loads: compare the memory, not the times.", "",
+              "| lever | HR crop | time per step (s) | peak anonymous / CUDA (GiB) | peak RSS (GiB) | status |",
+              "|---|---|---|---|---|---|"]
         for r in levers:
             mem = r.get("cuda_gib") or r.get("peak_anon_gib")
+            rss = r.get("peak_rss_gib")
             L.append(f"| {r['lever']} | {r['crop']} | {r.get('step_s', 0):.0f} | "
-                     f"{'–' if mem is None else f'{mem:.2f}'} | {r['status']} |")
+                     f"{'–' if mem is None else f'{mem:.2f}'} | {'–' if rss is None else f'{rss:.2f}'} | {r['status']} |")
         L.append("")
     else:
         L += ["## Memory levers of stage 2", "", "Not measured in this report: `--levers` runs remove -> prune -> "
