@@ -111,7 +111,8 @@ class _Processes:
 
 def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: list[str] | None = None,
                log=None) -> dict[str, Any]:
-    """Run the recipe's stages; return {"done": [...], "skipped": {stage: [needs]}, "bundle": Bundle}.
+    """Run the recipe's stages; return {"done": [...], "skipped": {stage: [needs]}, "bundle": Bundle,
+    "main": whether this is the process that reports}.
 
     Progress goes to the ``adc`` loggers (and the run directory's ``run.log``); ``log`` replaces
     the line-per-stage messages (e.g. ``lambda m: None``).
@@ -173,7 +174,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: lis
     procs.wait()
     if procs.is_main:
         log_to_file(None)
-    return {"done": done, "skipped": bundle.skipped, "bundle": bundle}
+    return {"done": done, "skipped": bundle.skipped, "bundle": bundle, "main": procs.is_main}
 
 
 def _quiet(*_args: Any) -> None:
@@ -238,12 +239,13 @@ def _run(args: argparse.Namespace) -> int:
     only = [s.strip() for s in args.stages.split(",")] if args.stages else None
     result = run_recipe(recipe, run_dir, resume=args.resume, only=only)
     report = run_dir / "report.md"
-    if report.is_file():
+    if report.is_file() and result["main"]:  # one line per launch, not per process
         print(f"report: {report}")
     if result["skipped"]:
         wanted = sorted({need for needs in result["skipped"].values() for need in needs})
-        print(f"stopped: stages {', '.join(result['skipped'])} need weights or data not given in the recipe: "
-              f"{'; '.join(wanted)}", file=sys.stderr)
+        if result["main"]:
+            print(f"stopped: stages {', '.join(result['skipped'])} need weights or data not given in the recipe: "
+                  f"{'; '.join(wanted)}", file=sys.stderr)
         return EXIT_NEEDS_WEIGHTS
     return EXIT_OK
 

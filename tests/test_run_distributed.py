@@ -33,12 +33,13 @@ def test_two_processes_run_each_stage_once_and_resume(tmp_path):
     out = tmp_path / "run"
     proc = _launch([str(recipe), "--out", str(out)], tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert proc.stdout.count("[remove] done") == 1  # one process reports, the other follows
-    assert "[distill] running on 2 processes" in proc.stdout
+    assert proc.stderr.count("[remove] done") == 1  # one process logs, the other follows
+    assert "[distill] running on 2 processes" in proc.stderr
+    assert proc.stdout.count("report: ") == 1
     summary = json.loads((out / "02-distill" / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["global_batch"] == 2
     assert sorted(p.parent.name for p in out.glob("*/DONE.json")) == ["00-remove", "01-prune", "02-distill", "03-report"]
     assert len(list((out / "02-distill" / "checkpoints").iterdir())) == 1  # keep_checkpoints: written once
     again = _launch([str(recipe), "--out", str(out), "--resume"], tmp_path)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert again.stdout.count("done before, skipped (--resume)") == 4
+    assert again.stderr.count("done before, skipped (--resume)") == 4
