@@ -23,7 +23,8 @@ def save_sd_dir(model, root: Path) -> Path:
 
     for name, build, src in (("unet", build_unet, model.unet), ("vae", build_vae, model.vae),
                              ("text_encoder", build_text_encoder, model.text_encoder)):
-        overrides = {"unet": model.config.unet_overrides, "vae": model.config.vae_overrides}.get(name, {})
+        overrides = {"unet": getattr(model.config, "unet_overrides", {}),  # S3Diff's tiny config has none
+                     "vae": getattr(model.config, "vae_overrides", {})}.get(name, {})
         plain = build("tiny", **overrides)
         plain.load_state_dict({plain_key(k): v for k, v in src.state_dict().items() if plain_key(k) is not None})
         plain.save_pretrained(root / name)
