@@ -126,7 +126,7 @@ SPECS: dict[str, ModelSpec] = {name: model_spec(name) for name in MODEL_ORDER}
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference numbers (/work/shared/reference/models.md §1.4, §3.1)
+# Reference numbers (gathered in ../shared/reference/models.md §1.4, §3.1)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -684,7 +684,10 @@ def render_markdown(res: CompareResult) -> str:
 
     # ---- reference
     ref = reference_table(res)
-    L_.append("\n## 3. Measured vs reference (/work/shared/reference/models.md §1.4, §3.1)\n")
+    # the reference numbers were gathered from the official code and papers (``REFERENCE`` above);
+    # the report names where they live in the repo, not a folder of this machine
+    L_.append("\n## 3. Measured vs reference (`REFERENCE` in profiling/compare.py: counts of the official "
+              "models, gathered from their code and papers)\n")
     if ref.empty:
         L_.append("_Reference checks apply to `--size full --lr-size 128` only._\n")
     else:
