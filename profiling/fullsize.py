@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     run = args.work / "run"
     if not args.resume:
         shutil.rmtree(run, ignore_errors=True)
-    rc, seconds, out = _run(["--out", str(run), *(["--resume"] if args.resume else []), *_weights_args(w),
+    rc, _, out = _run(["--out", str(run), *(["--resume"] if args.resume else []), *_weights_args(w),
                              *_training(args.crop, args.steps)], log)
     if rc != 0:
         sys.stderr.write(out[-4000:])

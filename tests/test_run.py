@@ -54,19 +54,21 @@ def test_the_bf16_lever_leaves_evaluate_the_fp32_teacher(tiny_run, one_thread): 
     """``distill.frozen_dtype: bf16`` casts the frozen teacher for training only: the evaluate stage
     after it writes exactly what a freshly loaded fp32 teacher gives."""
     import numpy as np
-    from PIL import Image
 
     from compress.bundle import Bundle
+    from compress.data.images import read_image, to_chw_tensor
+    from compress.inference.engine import to_uint8_rows
 
     out, _ = tiny_run
     ev = next(out.glob("*-evaluate"))
     name = next((ev / "teacher").glob("*.png")).name
-    lr01 = torch.from_numpy(np.asarray(Image.open(ev / "LR" / name).convert("RGB")).copy()).permute(2, 0, 1)[None] / 255
+    lr01 = to_chw_tensor(read_image(ev / "LR" / name))[None]
     bundle = Bundle(load_recipe(ROOT / "recipes" / "adcsr-tiny.yaml", FEW_STEPS), out)
     with torch.no_grad():
-        sr = bundle.family.evaluate_teacher(bundle.teacher(), lr01.float())
-    fresh = (sr[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    assert np.array_equal(fresh, np.asarray(Image.open(ev / "teacher" / name).convert("RGB")))
+        sr = bundle.family.evaluate_teacher(bundle.teacher(), lr01)
+    fresh = to_uint8_rows(sr[0].clamp(0, 1))
+    written = to_uint8_rows(to_chw_tensor(read_image(ev / "teacher" / name)))
+    assert np.array_equal(fresh, written)
 
 
 def test_the_run_directory_is_a_model_for_compress_sr(tiny_run):
