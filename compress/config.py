@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from .errors import AdcError, short_repr
+from .errors import AdcError, did_you_mean, short_repr
 from .yaml_io import FLOAT_RE
 
 T = TypeVar("T")
@@ -39,7 +39,9 @@ def from_dict(cls: type[T], data: Any, path: str = "recipe") -> T:
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         key = unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 80 else short_repr(unknown[0])
-        raise AdcError(f"{path}.{key}: unknown key (expected one of: {', '.join(fields)})")
+        hint = did_you_mean(unknown[0], fields)
+        raise AdcError(f"{path}.{key}: unknown key{hint}" if hint else
+                       f"{path}.{key}: unknown key (expected one of: {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
         if name in data:

@@ -31,3 +31,15 @@ class AdcError(Exception):
     """A mistake in user input, reported as one line naming the file, key or value."""
 
     exit_code = 2
+
+
+def did_you_mean(word: object, choices, quote: bool = False) -> str:
+    """``"; did you mean NAME?"`` for the choice closest to ``word`` (difflib), or ``""``."""
+    import difflib
+
+    if not isinstance(word, str) or len(word) > 80:
+        return ""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean {close[0]!r}?" if quote else f"; did you mean {close[0]}?"

@@ -11,7 +11,9 @@ Writes ``per_image.csv``, ``summary.csv`` and ``summary.md`` atomically into ``-
 Pairing (:func:`pair_images`). The papers' scripts pair by sorted order, which silently scores
 the wrong pairs when names do not line up (shuffled names: 13.16 dB instead of 15.20). Here:
 
-1. the counts must be equal;
+1. fewer SR images than HR ones: a subset, scored by name: every SR image needs an HR image of
+   the same name (without extension); HR images without an SR namesake are ignored, with one
+   ``info:`` line saying how many (also in ``summary.md``); otherwise the counts must be equal;
 2. if any SR file name (without extension) equals an HR one, every one must: pairs are by
    name, and the first SR image without a namesake is an error;
 3. else, if the names differ only by a fixed prefix/suffix per folder (``0001_out.png`` vs
@@ -20,7 +22,8 @@ the wrong pairs when names do not line up (shuffled names: 13.16 dB instead of 1
    the ``pairing`` column of ``summary.csv``.
 
 If no metric at all could be computed (say ``--metrics lpips`` without pyiqa), the command
-says why in one line and exits 2 without writing reports.
+says why in one line and exits 2 without writing reports. Learned metrics that cannot run get
+one ``info:`` line on how to enable them (the ``iqa`` extra, and where their weights go).
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ def pair_images(sr_files: list[Path], hr_files: list[Path]) -> tuple[list[tuple[
     """(pairs, rule, warning) by the rule of the module docstring; ``warning`` is None unless
     the pairs are by sorted order only."""
     sr_dir, hr_dir = (files[0].parent if files else "?" for files in (sr_files, hr_files))
-    if len(sr_files) != len(hr_files):
+    subset = 0 < len(sr_files) < len(hr_files)  # a subset of the HR folder: scored by name
+    if len(sr_files) != len(hr_files) and not subset:
         raise AdcError(f"image count mismatch: {len(sr_files)} SR images in {sr_dir} "
                        f"vs {len(hr_files)} HR images in {hr_dir}")
     by_stem = []
@@ -115,6 +119,10 @@ def pair_images(sr_files: list[Path], hr_files: list[Path]) -> tuple[list[tuple[
             stems.setdefault(f.stem, f)
         by_stem.append(stems)
     sr_stems, hr_stems = by_stem
+    if subset and not set(sr_stems) & set(hr_stems):
+        raise AdcError(f"{len(sr_files)} SR images in {sr_dir} vs {len(hr_files)} HR images in {hr_dir}, and no SR "
+                       f"file name matches an HR one (e.g. {sr_files[0].name}): fewer SR than HR images are "
+                       "paired by name only")
     if set(sr_stems) & set(hr_stems):
         for role, files, stems in (("SR", sr_files, sr_stems), ("HR", hr_files, hr_stems)):
             if len(stems) != len(files):
@@ -126,7 +134,7 @@ def pair_images(sr_files: list[Path], hr_files: list[Path]) -> tuple[list[tuple[
             matched = len(set(sr_stems) & set(hr_stems))
             raise AdcError(f"{missing}: no HR image named {missing.stem}.* in {hr_dir} ({matched} of {len(sr_files)} "
                            f"names match; when any name matches, SR and HR are paired by name)")
-        return [(sr_stems[h.stem], h) for h in hr_files], "by file name", None
+        return [(sr_stems[h.stem], h) for h in hr_files if h.stem in sr_stems], "by file name", None
     sr_c, hr_c = _affix_cores([f.stem for f in sr_files]), _affix_cores([f.stem for f in hr_files])
     if sr_c and hr_c and set(sr_c[0]) == set(hr_c[0]):
         sr_by_core = dict(zip(sr_c[0], sr_files))
@@ -144,13 +152,18 @@ def pair_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike) -> list[t
 
 
 def _pair_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike
-                  ) -> tuple[list[tuple[Path, Path]], str, str | None]:
-    pairs, rule, warning = pair_images(list_images(sr_dir, "SR"), list_images(hr_dir, "HR"))
+                  ) -> tuple[list[tuple[Path, Path]], str, str | None, str | None]:
+    """(pairs, rule, warning, note): ``note`` says how many HR images had no SR namesake (else None)."""
+    hr_files = list_images(hr_dir, "HR")
+    pairs, rule, warning = pair_images(list_images(sr_dir, "SR"), hr_files)
     for sr, hr in pairs:
         s, h = _image_size(sr), _image_size(hr)
         if s != h:
             raise AdcError(f"size mismatch: {sr} is {s[0]}x{s[1]} but {hr} is {h[0]}x{h[1]}")
-    return pairs, rule, warning
+    unmatched = len(hr_files) - len(pairs)
+    note = (f"info: scoring the {len(pairs)} SR images by name against {hr_dir}; its other {unmatched} HR images "
+            "have no SR image of the same name and are ignored") if unmatched else None
+    return pairs, rule, warning, note
 
 
 def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
@@ -162,12 +175,15 @@ def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
     such as FID), ``unavailable`` ({metric: reason}), ``metrics`` (requested, in order),
     ``sr_dir``/``hr_dir``, ``pyiqa`` (its version or None), ``pairing`` (the rule used) and
     ``pairing_warning`` (a line, when the pairs are by sorted order only; also given to ``log``,
-    default: this module's logger).
+    default: this module's logger), ``pairing_note`` (a line, when the SR images are a subset of
+    the HR folder: how many HR images were ignored; also given to ``log``).
     """
     names = parse_metric_names(metrics)
-    pairs, pairing, pairing_warning = _pair_folders(sr_dir, hr_dir)
+    pairs, pairing, pairing_warning, pairing_note = _pair_folders(sr_dir, hr_dir)
     if pairing_warning:
         (log or logger.warning)(pairing_warning)
+    if pairing_note:
+        (log or logger.info)(pairing_note)
 
     import pandas as pd
 
@@ -214,6 +230,7 @@ def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
         pyiqa=pyiqa_version() if learned_names else None,
         pairing=pairing,
         pairing_warning=pairing_warning,
+        pairing_note=pairing_note,
     )
     return df
 
@@ -268,6 +285,8 @@ def _markdown(per_image: pd.DataFrame, summary: pd.DataFrame) -> str:
     ]
     if a.get("pairing_warning"):
         lines.append(f"- **{a['pairing_warning']}**")
+    if a.get("pairing_note"):
+        lines.append(f"- {a['pairing_note'].removeprefix('info: ')}")
     if a.get("pyiqa"):
         lines.append(f"- learned metrics: pyiqa {a['pyiqa']}")
     lines += ["", "| metric | value | better | status |", "|---|---:|---|---|"]
@@ -305,8 +324,10 @@ def _default_out(sr_dir: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import prog
+
     parser = argparse.ArgumentParser(
-        prog="python -m compress.evaluate",
+        prog=prog("evaluate"),
         description="Score SR images against HR references (paired by file name; by sorted order, "
                     "with a warning, when no name matches).")
     parser.add_argument("--sr", required=True, help="folder of super-resolved images")
@@ -321,12 +342,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(lambda: _run(args))
 
 
+def enable_hint(unavailable: dict[str, str]) -> str | None:
+    """One line on how to enable the learned metrics that could not run for want of pyiqa or of
+    their weight files (the ``iqa`` extra; the folders pyiqa's files must be in), else None."""
+    from .metrics.learned import missing_weights
+
+    names = [n for n, why in unavailable.items()
+             if n in LEARNED_METRICS and ("pyiqa not installed" in why or "weights not found" in why)]
+    if not names:
+        return None
+    folders = list(dict.fromkeys(str(Path(f).parent) for n in names for f in missing_weights(n)))
+    no_pyiqa = any("pyiqa not installed" in unavailable[n] for n in names)
+    steps = ['pip install -e ".[iqa]"'] if no_pyiqa else []
+    if folders:
+        steps.append(f"put their weight files (pyiqa's file names; adc never downloads) in {', '.join(folders)}")
+    return (f"learned metrics {', '.join(names)} not computed ({'pyiqa is not installed' if no_pyiqa else 'weights not on disk'}"
+            f"); to enable them: {' and '.join(steps)} (the files: LEARNED_METRICS in compress/metrics/learned.py)")
+
+
 def _run(args: argparse.Namespace) -> int:
     df = evaluate_folders(args.sr, args.hr, metrics=args.metrics, device=args.device,
                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    hint = enable_hint(df.attrs["unavailable"])
     if not computed_metrics(df):
         why = "; ".join(f"{k}: {v}" for k, v in df.attrs["unavailable"].items())
-        raise AdcError(f"no metric could be computed ({why}); nothing written")
+        raise AdcError(f"no metric could be computed ({why}); nothing written" + (f"; {hint}" if hint else ""))
+    if hint:
+        print(f"info: {hint}", file=sys.stderr, flush=True)
     out = Path(args.out) if args.out else _default_out(args.sr)
     paths = write_reports(df, out)
     sys.stdout.write(paths["markdown"].read_text(encoding="utf-8"))

@@ -1,7 +1,7 @@
 """``python -m compress.export MODEL --format onnx|torch-export``: a deployable file, checked against eager.
 
     python -m compress.export weights/ --format onnx --lr-size 128            # official AdcSR weights
-    python -m compress.export runs/adcsr-tiny --format onnx --dynamic --color-fix outside
+    python -m compress.export runs/adcsr-tiny --format onnx --dynamic     # then: adc sr --model FILE.onnx
     python -m compress.export adcsr --size tiny --format torch-export --out tiny.pt2
 
 MODEL is what ``python -m compress.sr --model`` takes: an official AdcSR weights folder
@@ -20,10 +20,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from .deploy.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS, EXPORTERS, default_path, export_model
-from .cli import run_cli
+from .cli import prog, run_cli
+from .deploy.record import DEFAULT_EXPORTER, DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS, EXPORTERS, default_path
 from .errors import AdcError
 
 __all__ = ["main"]
@@ -47,7 +45,7 @@ def _lr_size(text: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m compress.export",
+    p = argparse.ArgumentParser(prog=prog("export"),
                                 description="Export an adc SR model to ONNX or torch.export, with a parity check "
                                             "against eager PyTorch and a record of how the file was made.")
     p.add_argument("model", nargs="?", metavar="MODEL",
@@ -59,13 +57,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="example LR size, a multiple of 16 (128); the only size a static graph runs")
     p.add_argument("--dynamic", action="store_true", help="any LR size that is a multiple of 16 (batch stays 1)")
     p.add_argument("--color-fix", choices=("inside", "outside", "none"), default=None,
-                   help="AdcSR's colour match in the graph (inside, the default for AdcSR) or left to the caller "
-                        "(outside: what compress.sr --backend onnxruntime needs for tiling)")
+                   help="AdcSR's colour match in the graph (inside, the default for AdcSR: the file alone is the "
+                        "official test.py; compress.sr runs it with no second fix, per tile when tiled) or left "
+                        "to the runner (outside: compress.sr applies it once over the whole image, also tiled)")
     p.add_argument("--size", default="full", choices=("full", "tiny"), help="model widths (official weights: full)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({DEFAULT_OPSET})")
-    p.add_argument("--exporter", default="dynamo", choices=EXPORTERS,
-                   help="ONNX exporter: torch.onnx dynamo (default) or the older TorchScript one (much faster "
-                        "to export, same graph semantics)")
+    p.add_argument("--exporter", default=DEFAULT_EXPORTER, choices=EXPORTERS,
+                   help=f"ONNX exporter: {DEFAULT_EXPORTER} (default: 2-3x faster to export, the same parity) "
+                        "or torch.onnx's dynamo one")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"max abs difference to eager fp32 accepted by the parity check ({DEFAULT_TOLERANCE:g})")
     p.add_argument("--no-check", action="store_true", help="skip the parity check (no onnxruntime needed)")
@@ -80,8 +79,7 @@ def _stem(spec: str, size: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .deploy.export import read_export_record
-    from .sr import load_sr_model
+    from .deploy.record import read_export_record
 
     if args.show is not None:
         print(json.dumps(read_export_record(args.show), indent=2, sort_keys=True))
@@ -92,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
         raise AdcError(f"--threads {args.threads}: expected >= 0")
     if args.out is not None and args.out.suffix != EXPORT_FORMATS[args.format]:
         raise AdcError(f"--out {args.out}: a {args.format} file must end in {EXPORT_FORMATS[args.format]}")
+    import torch
+
+    from .deploy.export import export_model
+    from .sr import load_sr_model
+
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

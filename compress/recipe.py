@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 
 from .config import check_range, from_dict, to_dict
-from .errors import AdcError, short_repr
+from .errors import AdcError, did_you_mean, short_repr
 
 STAGE_ORDER = ("train_teacher", "analyse", "remove", "prune", "pretrain_decoder", "distill",
                "evaluate", "profile", "report")
@@ -155,7 +155,8 @@ def _set_dotted(d: dict, dotted: str, value: Any, where: str) -> None:
         if isinstance(node, list):
             stage = next((s for s in node if isinstance(s, dict) and k in s), None)
             if stage is None:
-                raise AdcError(f"{where}: no stage {k!r} in the recipe")
+                names = [n for s in node for n in ([s] if isinstance(s, str) else s if isinstance(s, dict) else [])]
+                raise AdcError(f"{where}: no stage {k!r} in the recipe{did_you_mean(k, names)}")
             if stage[k] is None:
                 stage[k] = {}
             node = stage[k]
@@ -341,7 +342,9 @@ def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
             raise AdcError(f"{spot}: expected one 'name: {{config}}' mapping")
         (name, cfg), = entry.items()
         if name not in STAGES:
-            raise AdcError(f"{spot}: unknown stage {name!r} (expected one of: {', '.join(STAGE_ORDER)})")
+            hint = did_you_mean(name, STAGE_ORDER)
+            raise AdcError(f"{spot}: unknown stage {name!r}{hint}" if hint else
+                           f"{spot}: unknown stage {name!r} (expected one of: {', '.join(STAGE_ORDER)})")
         order = STAGE_ORDER.index(name)
         if order <= last:
             raise AdcError(f"{spot}: stage {name!r} cannot come after {STAGE_ORDER[last]!r} "

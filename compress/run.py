@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from .bundle import Bundle
-from .errors import AdcError
+from .errors import AdcError, did_you_mean
 from .io import atomic_write_json, atomic_write_text
 from .log import get_logger, log_to_file, setup_logging
 from .profile.memory import track_memory
@@ -117,6 +117,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: lis
     Progress goes to the ``adc`` loggers (and the run directory's ``run.log``); ``log`` replaces
     the line-per-stage messages (e.g. ``lambda m: None``).
     """
+    check_stages(recipe, only)  # before the run directory exists: a refused --stages leaves nothing behind
     procs = _Processes(recipe)
     log = log or logger.info
     if not procs.is_main:
@@ -126,11 +127,6 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: lis
         log_to_file(run_dir / "run.log")
         logger.info(f"run directory {run_dir}, recipe {recipe.source or recipe.name}"
                     + (f", overrides {' '.join(recipe.overrides)}" if recipe.overrides else ""))
-    if only:
-        unknown = [s for s in only if recipe.stage(s) is None]
-        if unknown:
-            raise AdcError(f"--stages: {unknown[0]!r} is not a stage of this recipe "
-                           f"({', '.join(s.name for s in recipe.stages)})")
 
     if recipe.threads:
         import torch
@@ -181,6 +177,24 @@ def _quiet(*_args: Any) -> None:
     pass
 
 
+def check_stages(recipe: Recipe, only: list[str] | None) -> None:
+    """``--stages``: names of this recipe's stages, each once, in the recipe's order (they run in it)."""
+    if only is None:
+        return
+    names = [s.name for s in recipe.stages]
+    if not only:
+        raise AdcError(f"--stages: no stage named; expected a comma-separated subset of {','.join(names)}")
+    last = -1
+    for name in only:
+        if name not in names:
+            raise AdcError(f"--stages: {name!r} is not a stage of this recipe{did_you_mean(name, names, quote=True)} "
+                           f"(its stages: {','.join(names)})")
+        if names.index(name) <= last:
+            raise AdcError(f"--stages: {name!r} " + ("is named twice" if names.index(name) == last else
+                           f"cannot come after {names[last]!r}") + f" (the recipe's order: {','.join(names)})")
+        last = names.index(name)
+
+
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
     existing = sorted(p.name for p in run_dir.glob("[0-9][0-9]-*")) if run_dir.is_dir() else []
     if existing and not resume:
@@ -201,7 +215,10 @@ def _run_on_main(bundle: Bundle, spec, stage, sdir: Path) -> dict[str, Any]:
 
 def _finish_stage(bundle: Bundle, name: str, sdir: Path, artifacts: dict[str, Any], start: float, memory) -> None:
     """Save the student the stage handed on (once), then the stage's ``DONE.json`` with its time,
-    its own peak memory and the disk its folder uses."""
+    its own peak memory, the disk its folder uses and the environment it ran in (run.log warns
+    once when that differs from what earlier stages recorded, e.g. a ``--resume`` after an upgrade)."""
+    from .environment import collect, warn_if_changed
+
     if bundle.student_changed:
         from .student import save_student
 
@@ -210,19 +227,26 @@ def _finish_stage(bundle: Bundle, name: str, sdir: Path, artifacts: dict[str, An
         bundle.student_changed = False
     bundle.artifacts[name] = artifacts
     disk = sum(f.stat().st_size for f in sdir.rglob("*") if f.is_file()) if sdir.is_dir() else 0
+    environment = collect(bundle.device)
+    warn_if_changed(bundle.run_dir, environment, sdir.name, logger.warning)
     atomic_write_json(sdir / "DONE.json", {"stage": name, "seconds": round(time.perf_counter() - start, 2),
                                            "memory": memory.to_dict(), "disk_mib": round(disk / 2**20, 2),
-                                           "artifacts": artifacts})
+                                           "environment": environment, "artifacts": artifacts})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compress.run", description=__doc__.splitlines()[0],
+    from .cli import prog
+
+    parser = argparse.ArgumentParser(prog=prog("run"), description=__doc__.splitlines()[0],
                                      epilog="exit codes: 0 done, 2 input error, 3 stopped for missing weights/data, "
                                             "130 interrupted")
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/adcsr.yaml")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<recipe name>)")
     parser.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
-    parser.add_argument("--stages", help="comma-separated subset of stages to run")
+    parser.add_argument("--stages", help="comma-separated subset of stages to run, in the recipe's order")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved recipe (YAML) and what each stage would do (run, or skip: not in "
+                             "--stages, done before with --resume); create nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set stages.prune.unet.slice.ratio_keep=0.5; "
                              "paths are relative to the working directory")
@@ -236,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = args.out or Path("runs") / recipe.name
-    only = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else None
+    check_stages(recipe, only)
+    if args.dry_run:
+        sys.stdout.write(dry_run(recipe, run_dir, resume=args.resume, only=only))
+        return EXIT_OK
     result = run_recipe(recipe, run_dir, resume=args.resume, only=only)
     report = run_dir / "report.md"
     if report.is_file() and result["main"]:  # one line per launch, not per process
@@ -248,6 +276,33 @@ def _run(args: argparse.Namespace) -> int:
                   f"{'; '.join(wanted)}", file=sys.stderr)
         return EXIT_NEEDS_WEIGHTS
     return EXIT_OK
+
+
+def dry_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: list[str] | None = None) -> str:
+    """What ``adc run --dry-run`` prints: the resolved recipe as YAML, then (as YAML comments) the run
+    directory and what each stage would do. Reads the run directory, if any; writes nothing."""
+    check_stages(recipe, only)
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    lines = [f"# dry run: nothing created; run directory {run_dir}"]
+    existing = sorted(p.name for p in run_dir.glob("[0-9][0-9]-*")) if run_dir.is_dir() else []
+    resolved = run_dir / "recipe.resolved.yaml"
+    if existing and not resume:
+        lines.append(f"# note: {run_dir} holds an earlier run ({existing[0]}, ...): without --resume the run "
+                     "refuses it")
+    elif resume and resolved.is_file() and resolved.read_text() != text:
+        lines.append(f"# note: {resolved} differs from this recipe: --resume refuses it")
+    lines.append("# stages:")
+    for i, stage in enumerate(recipe.stages):
+        done = read_done(run_dir, i, stage.name) is not None
+        if only and stage.name not in only:
+            what = "skipped (not in --stages)"
+        elif done and resume:
+            what = "skipped (done before; --resume)"
+        else:
+            what = "runs" + (" (done before: skipped with --resume)" if done else "")
+        lines.append(f"#   {stage_dir(run_dir, i, stage.name).name:<22} {what}")
+    lines.append("# (a stage whose weights or data the recipe does not give is skipped when the run reaches it)")
+    return text + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ compressed model such as ``adcsr``) with random weights; or a file written by ``
 compress.export`` (``.onnx``: onnxruntime, ``.pt2``: torch.export). ``--backend onnxruntime``
 with any other model exports it first (dynamic sizes, colour fix outside the graph) into a
 temporary folder; padding, tiling and the global colour fix are the same for every backend.
-``--dtype fp16`` keeps the blocks whose fp32 activations leave fp16's range in fp32
+An exported file follows its record's ``color_fix``: ``inside`` (the export default) runs as it
+is, with no second fix (per tile under ``--tile``, which a warning says); ``outside`` gets the
+global fix here. ``--dtype fp16`` keeps the blocks whose fp32 activations leave fp16's range in fp32
 (``--fp16-policy``, measured on the first image by default; see :mod:`compress.inference.fp16`).
 """
 
@@ -36,17 +38,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import AdcError
-from .inference import (Precision, color_fix_off, model_device, model_pad_multiple, resolve_precision, upscale,
-                        upscale_to_png)
-from .io import WriteError, make_dirs, write_fault
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["load_sr_model", "upscale", "upscale_to_png", "plan_outputs", "prepare_output_folder", "sr_models", "main"]
+
+
+def __getattr__(name: str) -> Any:
+    """``upscale``/``upscale_to_png`` re-exported on first use: ``--help`` need not import torch (PEP 562)."""
+    if name in ("upscale", "upscale_to_png"):
+        from . import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def sr_models() -> list[str]:
@@ -69,6 +78,8 @@ def _stderr(msg: str) -> None:
 
 
 def _parse_device(device: str | torch.device | None) -> torch.device:
+    import torch
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -215,6 +226,8 @@ def plan_outputs(root: Path, files: Sequence[Path], out_dir: Path) -> list[Path]
 def prepare_output_folder(out_dir: Path) -> bool:
     """Create ``out_dir`` if needed and prove it writable (a probe file written and removed), before
     any model is loaded; one line otherwise. Returns whether the folder was created."""
+    from .io import make_dirs, write_fault
+
     if out_dir.exists() and not out_dir.is_dir():
         raise AdcError(f"--output {out_dir}: is a file; expected a folder for the PNGs")
     created = not out_dir.exists()
@@ -233,6 +246,8 @@ def prepare_output_folder(out_dir: Path) -> bool:
 
 
 def _is_oom(exc: BaseException) -> bool:
+    import torch
+
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     msg = str(exc)
@@ -243,11 +258,14 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m compress.sr",
+    from .cli import prog
+
+    p = argparse.ArgumentParser(prog=prog("sr"),
                                 description="Super-resolve an image or a folder of images with an adc SR model "
                                             "(reflection padding, optional tiling with global colour statistics).")
     p.add_argument("--model", required=True, metavar="SPEC",
-                   help="official AdcSR weights folder, adc run folder, or a model name (random weights, for tests)")
+                   help="official AdcSR weights folder, adc run folder, an exported .onnx/.pt2 file (adc export), or a "
+                        "model name (random weights, for tests)")
     p.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
     p.add_argument("--output", required=True, type=Path,
                    help="folder for the PNGs: never the input folder, and no existing file in an input's folder "
@@ -287,6 +305,7 @@ def _load_backend(args: argparse.Namespace, device: torch.device, stack: context
         return load_sr_model(args.model, args.size, device, log=log)
     from .deploy.export import export_model
     from .deploy.runtime import load_exported
+    from .inference import model_pad_multiple
 
     model = load_sr_model(args.model, args.size, "cpu", log=log)
     if getattr(model, "color_fix", None) is None:
@@ -305,6 +324,7 @@ def _load_backend(args: argparse.Namespace, device: torch.device, stack: context
 def _fp16_blocks(args: argparse.Namespace, model: nn.Module, first: torch.Tensor | None,
                  log: Callable[[str], None]) -> list[str] | None:
     """The blocks kept in fp32 under fp16: from ``--fp16-policy`` FILE, or measured on ``first`` (LR in [0, 1])."""
+    from .inference import color_fix_off, model_device, model_pad_multiple
     from .inference.fp16 import calibrate, load_policy
     from .inference.padding import reflect_pad_to_multiple
 
@@ -339,6 +359,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise AdcError(f"--threads {args.threads}: expected >= 0 (0: torch's default)")
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
     root, files = _inputs(args.input, args.output, args.recursive)
     outputs = plan_outputs(root, files, args.output)
@@ -358,8 +380,11 @@ def _run_files(args: argparse.Namespace, model: nn.Module, files: Sequence[Path]
                log: Callable[[str], None], t0: float) -> int:
     from tqdm import tqdm
 
+    from . import inference
     from .data.images import ImageReadError, read_image, to_chw_tensor
     from .deploy.runtime import ExportedSR
+    from .inference import Precision, model_device, model_pad_multiple, resolve_precision
+    from .io import WriteError
 
     tile = args.tile or None
     batch = args.batch or (4 if model_device(model).type == "cuda" else 1)
@@ -378,6 +403,9 @@ def _run_files(args: argparse.Namespace, model: nn.Module, files: Sequence[Path]
         if rounded != tile:
             log(f"notice: --tile {tile} rounded to {rounded} (a multiple of {multiple})")
         tile = rounded
+        if exported and model.fix_in_graph:  # the record says the graph colour-matches each call itself
+            log(f"warning: {args.model} has the colour fix inside the graph: with --tile it is applied per tile, "
+                "not once over the image (export with --color-fix outside for one global fix)")
 
     written = skipped = 0
     for src, dst in zip(tqdm(files, desc="sr", unit="img", file=sys.stderr, disable=None), outputs):
@@ -393,7 +421,7 @@ def _run_files(args: argparse.Namespace, model: nn.Module, files: Sequence[Path]
         if policy_needed:
             blocks, policy_needed = _fp16_blocks(args, model, lr, log), False
         try:
-            upscale_to_png(model, lr, dst, tile=tile, overlap=args.overlap, dtype=precision, batch=batch,
+            inference.upscale_to_png(model, lr, dst, tile=tile, overlap=args.overlap, dtype=precision, batch=batch,
                            progress=True, log=log, name=str(src), fp32_blocks=blocks)
         except WriteError as exc:
             raise WriteError(f"{exc}; {written} of {len(files)} images were written before it") from None

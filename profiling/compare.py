@@ -1,11 +1,19 @@
 """Complexity of OSEDiff, S3Diff and AdcSR side by side: params, MACs, CPU latency, vs the reference.
 
     python -m profiling.compare [--lr-size 128] [--latency-size 64] [--device cpu] [--dtype fp32]
-        [--out reports/] [--size full|tiny] [--models osediff,s3diff,adcsr] [--warmup 1]
-        [--repeats 3] [--threads 1] [--no-latency]
+        [--out DIR] [--size full|tiny] [--models osediff,s3diff,adcsr] [--warmup 1]
+        [--repeats 3] [--threads 1] [--no-latency] [--plugin MODULE]
 
 Writes ``complexity.md`` (tables + the command that made them), ``complexity.csv`` (one row per
-number, each labelled with device, dtype, resolution and counter) and ``complexity.png``.
+number, each labelled with device, dtype, resolution and counter) and ``complexity.png`` into
+``--out`` (default ``./adc-compare``, a new folder in the working directory: the repo's own
+``reports/`` are regenerated with ``--out reports/`` given explicitly).
+
+``--models``: any model name of the families registry (``adc families``; plugin families with
+``--plugin MODULE`` or an entry point) or an adc run directory: its newest student (its saved
+architecture; ``--size`` does not apply), or its teacher before a student was saved
+(:mod:`compress.targets`). The compressed model (AdcSR, else the first student named) is timed
+in alternation with each teacher and compared with each.
 
 Why this way:
 
@@ -100,6 +108,15 @@ class ModelSpec:
     mergeable_lora: bool  # True: LoRA folded into base weights for deployment (MACs exclude it, timed merged)
     modulated_lora: bool  # True: LoRA A output mixed by an input-dependent r x r matrix (S3Diff)
     includes: str
+    kind: str = "teacher"  # teacher, student or part (compress.families.models())
+    target: Any = None     # a compress.targets.Target that builds it (None: compress.families.build(name))
+
+    def build(self, size: str, device: Any) -> nn.Module:
+        if self.target is not None:
+            return self.target.build(size, device)
+        from compress.families import build
+
+        return build(self.name, size, device)
 
 
 ADCSR_INCLUDES = ("PixelUnshuffle(2) -> pruned condition-free UNet (no text, no time) -> half-width VAE "
@@ -108,18 +125,34 @@ ADCSR_INCLUDES = ("PixelUnshuffle(2) -> pruned condition-free UNet (no text, no 
 
 
 def model_spec(name: str) -> ModelSpec:
-    """A family's teacher: its :meth:`pipeline_spec`; a compressed model: its forward."""
-    from compress.families import get, models
+    """A family's teacher: its :meth:`pipeline_spec`; a compressed model: its forward. ``name``: a
+    model name or an adc run directory (:func:`compress.targets.resolve`)."""
+    from compress.families import get
+    from compress.targets import resolve
 
-    known = models()
-    if name not in known:
-        raise AdcError(f"unknown model {name!r}; known: {', '.join(sorted(known))}")
-    family, kind = known[name]
-    if kind == "teacher":
-        p = get(family).pipeline_spec()
-        return ModelSpec(name, p.title, p.calls, p.mergeable_lora, p.modulated_lora, p.includes)
+    t = resolve(name)
+    if t.kind == "teacher":
+        p = get(t.family).pipeline_spec()
+        title = p.title if t.run_dir is None else f"{t.run_dir.name} ({p.title})"
+        return ModelSpec(name, title, p.calls, p.mergeable_lora, p.modulated_lora, p.includes, "teacher",
+                         t if t.run_dir is not None else None)
+    if t.student_dir is not None:
+        return ModelSpec(name, t.label, _adcsr_calls, False, False,
+                         f"the run's student as saved in {t.student_dir}: PixelUnshuffle -> its UNet -> its decoder "
+                         "from the mid-block on; colour match (elementwise, not counted).", "student", t)
     return ModelSpec(name, "AdcSR" if name == "adcsr" else name, _adcsr_calls, False, False,
-                     ADCSR_INCLUDES if name == "adcsr" else "the forward")
+                     ADCSR_INCLUDES if name == "adcsr" else "the forward", t.kind)
+
+
+def _anchor(names) -> str | None:
+    """The compressed model the teachers are compared with: AdcSR, else the first student named."""
+    if "adcsr" in names:
+        return "adcsr"
+    return next((n for n in names if SPECS[n].kind == "student"), None)
+
+
+def _teachers(names) -> list[str]:
+    return [n for n in names if SPECS[n].kind == "teacher"]
 
 
 SPECS: dict[str, ModelSpec] = {name: model_spec(name) for name in MODEL_ORDER}
@@ -209,10 +242,8 @@ def pipeline_calls(spec: ModelSpec, model: nn.Module, lr: torch.Tensor) -> list[
 
 def count_model(spec: ModelSpec, size: str = "full", lr_size: int = 128, model: nn.Module | None = None) -> ModelCounts:
     """Params (per component) and MACs of the whole pipeline at ``lr_size`` -> 4 x ``lr_size``, on meta."""
-    from compress.families import build
-
     if model is None:
-        model = build(spec.name, size, "meta")
+        model = spec.build(size, "meta")
     return count_pipeline(spec, model, lr_size, spec.name, size)
 
 
@@ -307,12 +338,11 @@ class _Timed:
     """One model under timing: its pipeline, its calls so far, and the load it saw."""
 
     def __init__(self, spec: ModelSpec, size: str, lr_size: int, device: str, dtype: str):
-        from compress.families import build
         from compress.zoo.lora import merge_and_unload
 
         t0 = time.perf_counter()
         self.spec = spec
-        self.model = build(spec.name, size, device)
+        self.model = spec.build(size, device)
         if spec.mergeable_lora:
             merge_and_unload(self.model)
         self.build_s = time.perf_counter() - t0
@@ -372,7 +402,7 @@ def time_models(names: list[str], size: str, lr_size: int, device: str, dtype: s
     teacher/AdcSR ratio is the median of the per-round ratios.
     """
     out: dict[str, ModelLatency] = {}
-    anchor = "adcsr" if "adcsr" in names else None
+    anchor = _anchor(names)
     base: _Timed | None = None
     if anchor:
         log(f"building {anchor} ({size}) on {device}")
@@ -428,13 +458,14 @@ class CompareOptions:
     latency_size: int = 64
     device: str = "cpu"
     dtype: str = "fp32"
-    out: str = "reports"
+    out: str = "adc-compare"
     size: str = "full"
     models: tuple[str, ...] = MODEL_ORDER
     warmup: int = 1
     repeats: int = 3
     latency: bool = True
     threads: int = 1  # torch intra-op threads for the timed runs; 0 = torch's default
+    plugins: tuple[str, ...] = ()  # modules that register model families, imported first
 
     def check(self) -> None:
         for name, v in (("--lr-size", self.lr_size), ("--latency-size", self.latency_size)):
@@ -442,20 +473,23 @@ class CompareOptions:
                 raise AdcError(f"{name} {v}: expected a multiple of 16 (AdcSR's unshuffle x 3 downsamplers), >= 16")
         if self.size not in ("full", "tiny"):
             raise AdcError(f"--size {self.size!r}: expected full or tiny")
-        unknown = [m for m in self.models if m not in SPECS]
-        if unknown or not self.models:
-            raise AdcError(f"--models {','.join(self.models)}: expected a subset of {','.join(MODEL_ORDER)}")
+        if not self.models:
+            raise AdcError("--models: expected model names (adc families) or run directories, comma-separated")
+        from compress.families import load_plugins
+
+        load_plugins(list(self.plugins), "--plugin")
+        for m in self.models:  # a name of the registry (plugins included) or a run directory
+            if m not in SPECS:
+                try:
+                    SPECS[m] = model_spec(m)
+                except AdcError as exc:
+                    raise AdcError(f"--models {m}: {exc}") from None
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise AdcError(f"--dtype {self.dtype!r}: expected fp32, bf16 or fp16")
         if self.threads < 0:
             raise AdcError(f"--threads {self.threads}: expected >= 1, or 0 for torch's default")
         if self.warmup < 0 or self.repeats < 1:
             raise AdcError(f"--warmup {self.warmup} / --repeats {self.repeats}: expected >= 0 / >= 1")
-        from compress.families import models as available
-
-        missing = [m for m in self.models if m not in available()]
-        if missing:
-            raise AdcError(f"model(s) {', '.join(missing)} not in the zoo yet (it has {', '.join(available())})")
 
 
 @dataclass
@@ -506,9 +540,7 @@ def run_compare(opts: CompareOptions, command: str, log: Callable[[str], None] =
     counts, small = {}, {}
     for name in opts.models:
         log(f"counting {name} ({opts.size}) on meta at LR {opts.lr_size}")
-        from compress.families import build
-
-        model = build(name, opts.size, "meta")
+        model = SPECS[name].build(opts.size, "meta")
         counts[name] = count_model(SPECS[name], opts.size, opts.lr_size, model)
         if opts.latency and opts.latency_size != opts.lr_size:
             small[name] = count_model(SPECS[name], opts.size, opts.latency_size, model)
@@ -586,23 +618,24 @@ def _reduction(a: float, b: float) -> str:
 
 
 def reductions_table(res: CompareResult) -> pd.DataFrame:
-    """AdcSR relative to each teacher: params, MACs, latency (negative = smaller)."""
-    if "adcsr" not in res.counts:
+    """AdcSR (or the first student named) relative to each teacher: params, MACs, latency (negative = smaller)."""
+    anchor = _anchor(res.options.models)
+    if anchor is None or anchor not in res.counts:
         return pd.DataFrame()
-    a = res.counts["adcsr"].total
+    a = res.counts[anchor].total
     rows = []
-    for t in ("osediff", "s3diff"):
+    for t in _teachers(res.options.models):
         if t not in res.counts:
             continue
         b = res.counts[t].total
-        row = {"AdcSR vs": SPECS[t].title,
+        row = {f"{SPECS[anchor].title} vs": SPECS[t].title,
                "params": _reduction(a["params"], b["params"]),
                "MACs conv+linear": _reduction(a["macs_conv_linear"], b["macs_conv_linear"]),
                "MACs incl. attention": _reduction(a["macs_total"], b["macs_total"])}
-        if t in res.latency and "adcsr" in res.latency:
-            ratio = paired_ratio(res.latency[t], res.latency["adcsr"])
+        if t in res.latency and anchor in res.latency:
+            ratio = paired_ratio(res.latency[t], res.latency[anchor])
             row["CPU latency"] = _reduction(1.0, ratio) if ratio else "-"
-            row[f"{SPECS[t].title}/AdcSR time (paired)"] = f"{ratio:.2f}x" if ratio else "-"
+            row[f"{SPECS[t].title}/{SPECS[anchor].title} time (paired)"] = f"{ratio:.2f}x" if ratio else "-"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -674,13 +707,16 @@ def render_markdown(res: CompareResult) -> str:
 
     # ---- reductions
     red = reductions_table(res)
+    anchor = _anchor(o.models)
     if not red.empty:
-        L_.append("\n## 2. AdcSR relative to the teachers\n")
+        a_title = SPECS[anchor].title
+        L_.append(f"\n## 2. {a_title} relative to the teachers\n")
         L_.append(_fmt_df(red))
         L_.append(f"\nLegend. Params/MACs as in §1 ({lab_mac}). "
-                  + (f"Latency: {lab_lat}; the ratio is the median over rounds of teacher/AdcSR from calls "
+                  + (f"Latency: {lab_lat}; the ratio is the median over rounds of teacher/{a_title} from calls "
                      f"made back to back in the same run (same load)." if res.latency else "")
-                  + " Expected from the AdcSR paper: -74 % params, -78 % MACs vs OSEDiff.\n")
+                  + (" Expected from the AdcSR paper: -74 % params, -78 % MACs vs OSEDiff." if anchor == "adcsr" else "")
+                  + "\n")
 
     # ---- reference
     ref = reference_table(res)
@@ -750,13 +786,13 @@ def render_markdown(res: CompareResult) -> str:
                          "peak RSS (GiB)": f"{mem / 2**30:.2f}" if mem else "-",
                          "build (s)": f"{lat.build_s:.0f}", "load note": _load_str(lat)})
         L_.append(_fmt_df(pd.DataFrame(rows)))
-        if "adcsr" in res.latency:
-            for t in ("osediff", "s3diff"):
+        if anchor in res.latency:
+            for t in _teachers(o.models):
                 if t in res.latency:
-                    r = paired_ratio(res.latency[t], res.latency["adcsr"])
-                    ct, ca = res.counts_at_latency[t].total, res.counts_at_latency["adcsr"].total
-                    L_.append(f"\n- {SPECS[t].title}/AdcSR latency ratio (same run, paired rounds): **{r:.2f}x**; "
-                              f"MAC ratio at the same size: {ct['macs_total'] / ca['macs_total']:.2f}x.")
+                    r = paired_ratio(res.latency[t], res.latency[anchor])
+                    ct, ca = res.counts_at_latency[t].total, res.counts_at_latency[anchor].total
+                    L_.append(f"\n- {SPECS[t].title}/{SPECS[anchor].title} latency ratio (same run, paired rounds): "
+                              f"**{r:.2f}x**; MAC ratio at the same size: {ct['macs_total'] / ca['macs_total']:.2f}x.")
         first = next(iter(res.latency.values())).first
         L_.append(f"\nLegend. {lab_lat}; timer {first.timer}; torch threads {first.num_threads} (--threads "
                   f"{o.threads}: on this shared CPU one thread is several times faster than two, as the "
@@ -803,22 +839,23 @@ def tidy_table(res: CompareResult) -> pd.DataFrame:
             "process CPU time / (wall x torch threads)")
         add(m, "(total)", "load_avg_1min_before", lat.load_before[0], "load", dev, "-", "-", "os.getloadavg")
         add(m, "(total)", "load_avg_1min_after", lat.load_after[0], "load", dev, "-", "-", "os.getloadavg")
-    if "adcsr" in res.counts:
-        a = res.counts["adcsr"].total
-        for t in ("osediff", "s3diff"):
+    anchor = _anchor(o.models)
+    if anchor in res.counts:
+        a = res.counts[anchor].total
+        for t in _teachers(o.models):
             if t not in res.counts:
                 continue
             b = res.counts[t].total
             cnt = f"{COUNTER} (torch {res.counts[t].counter_version})"
-            add(f"adcsr_vs_{t}", "(total)", "params_change", round((a["params"] / b["params"] - 1) * 100, 3), "%",
+            add(f"{anchor}_vs_{t}", "(total)", "params_change", round((a["params"] / b["params"] - 1) * 100, 3), "%",
                 "meta", res.counts[t].dtype, "-", "unique parameters")
             for q in ("macs_conv_linear", "macs_total"):
-                add(f"adcsr_vs_{t}", "(total)", f"{q}_change", round((a[q] / b[q] - 1) * 100, 3), "%", "meta",
+                add(f"{anchor}_vs_{t}", "(total)", f"{q}_change", round((a[q] / b[q] - 1) * 100, 3), "%", "meta",
                     res.counts[t].dtype, _res(o.lr_size), cnt)
-            if t in res.latency and "adcsr" in res.latency:
-                r = paired_ratio(res.latency[t], res.latency["adcsr"])
+            if t in res.latency and anchor in res.latency:
+                r = paired_ratio(res.latency[t], res.latency[anchor])
                 if r:
-                    add(f"{t}_over_adcsr", "(total)", "latency_ratio_paired", round(r, 4), "x",
+                    add(f"{t}_over_{anchor}", "(total)", "latency_ratio_paired", round(r, 4), "x",
                         f"{o.device} ({res.latency[t].first.device_name})", _DT[o.dtype], _res(o.latency_size),
                         res.latency[t].first.timer)
     return pd.DataFrame(rows, dtype=object)  # object: counts stay integers in the CSV
@@ -915,14 +952,21 @@ def write_reports(res: CompareResult, out: str | os.PathLike) -> dict[str, Path]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m profiling.compare", description=__doc__.split("\n")[0])
+    from compress.cli import prog
+
+    p = argparse.ArgumentParser(prog=prog("compare"), description=__doc__.split("\n")[0])
     p.add_argument("--lr-size", type=int, default=128, help="LR side for the MAC counts (SR = 4x); reference at 128")
     p.add_argument("--latency-size", type=int, default=64, help="LR side for the timed runs (small on CPU)")
     p.add_argument("--device", default="cpu", help="device for the latency runs (cpu, cuda)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="latency dtype")
-    p.add_argument("--out", default="reports", help="output folder")
+    p.add_argument("--out", default="adc-compare",
+                   help="output folder (default: ./adc-compare; the repo's reports: --out reports/)")
     p.add_argument("--size", default="full", choices=("full", "tiny"), help="model widths (tiny: smoke test)")
-    p.add_argument("--models", default=",".join(MODEL_ORDER), help="comma-separated subset of osediff,s3diff,adcsr")
+    p.add_argument("--models", default=",".join(MODEL_ORDER),
+                   help="comma-separated model names (adc families) and/or adc run directories "
+                        f"(default {','.join(MODEL_ORDER)})")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (a plugin that registers model families); repeatable")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per model (the last measures peak memory)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per model")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the timed runs (0: torch's default)")
@@ -931,20 +975,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from compress.cli import run_cli
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    a = _parser().parse_args(argv)
+    parser = _parser()
+    a = parser.parse_args(argv)
     opts = CompareOptions(lr_size=a.lr_size, latency_size=a.latency_size, device=a.device, dtype=a.dtype, out=a.out,
                           size=a.size, models=tuple(m.strip() for m in a.models.split(",") if m.strip()),
-                          warmup=a.warmup, repeats=a.repeats, latency=not a.no_latency, threads=a.threads)
-    command = "python -m profiling.compare" + (" " + shlex.join(argv) if argv else "")
-    try:
+                          warmup=a.warmup, repeats=a.repeats, latency=not a.no_latency, threads=a.threads,
+                          plugins=tuple(a.plugin))
+    command = parser.prog + (" " + shlex.join(argv) if argv else "")
+
+    def body() -> int:
         res = run_compare(opts, command, log=lambda s: print(s, file=sys.stderr, flush=True))
         paths = write_reports(res, opts.out)
-    except AdcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"wrote {', '.join(str(p) for p in paths.values())} in {res.seconds:.0f} s")
-    return 0
+        print(f"wrote {', '.join(str(p) for p in paths.values())} in {res.seconds:.0f} s")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

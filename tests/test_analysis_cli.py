@@ -36,6 +36,9 @@ def test_cli_writes_markdown_and_csv(tmp_path, capsys, one_thread):
     (["--model", "osediff", "--prompt", "sometimes"], "--prompt 'sometimes'"),
     (["--model", "osediff", "--size", "huge"], "--size 'huge'"),
     (["--model", "osediff", "--component", "wheels"], "--component 'wheels'"),
+    (["--model", "osedif"], "unknown model 'osedif'; did you mean 'osediff'?"),
+    (["--model", "."], "--model .: folder has no recipe.resolved.yaml"),
+    (["--plugin", "no_such_module", "--model", "osediff"], "--plugin[0]: cannot import 'no_such_module'"),
 ])
 def test_cli_user_mistake_is_one_line_exit_2(tmp_path, capsys, argv, what):
     rc = main(argv + ["--out", str(tmp_path / "a.md")])
@@ -82,3 +85,49 @@ def test_the_analysis_total_less_its_lora_products_is_the_deployed_count(tmp_pat
     family = get("osediff")
     counts = count_pipeline(family.pipeline_spec(), family.build_teacher("tiny", "meta"), lr_size=32)
     assert lora > 0 and abs(deployed - counts.table["macs_total"].sum() / 1e9) < 0.01
+
+
+# ---- --model: a run directory (its student, or its teacher), a plugin family ---------------------------
+
+STUDENT_RUN = """
+name: structure
+device: meta          # a structure-only run: the student's records, no weights (seconds)
+models: {family: osediff, size: tiny}
+task: {lr_size: 32}
+stages:
+  - remove: {init: teacher}
+"""
+
+
+@pytest.fixture(scope="module")
+def student_run(tmp_path_factory, one_thread_module):
+    from compress.recipe import load_recipe
+    from compress.run import run_recipe
+
+    tmp = tmp_path_factory.mktemp("student_run")
+    (tmp / "recipe.yaml").write_text(STUDENT_RUN)
+    run_recipe(load_recipe(tmp / "recipe.yaml"), tmp / "run", log=lambda m: None)
+    return tmp / "run"
+
+
+def test_a_run_directory_is_analysed_as_its_student(student_run, tmp_path, capsys):
+    out = tmp_path / "student.md"
+    assert main(["--model", str(student_run), "--no-groups", "--out", str(out)]) == 0
+    md = out.read_text()
+    assert md.startswith("# Compression analysis: run (student) (tiny)")  # the run's size
+    assert "lr 1x3x32x32" in md  # the run's task.lr_size, not the default 128
+    rows = pd.read_csv(out.with_suffix(".csv"))
+    assert "unet.conv_in" in set(rows["module"]) and not rows["module"].str.startswith("text_encoder").any()
+    assert main(["--model", str(student_run), "--size", "full", "--out", str(out)]) == 2
+    assert "--size 'full': the run" in capsys.readouterr().err
+
+
+def test_a_run_directory_of_a_plugin_family_before_any_student(tmp_path, one_thread):
+    """No student yet: the run's teacher, of a family the run's recipe imports as a plugin."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.resolved.yaml").write_text("name: p\nplugins: [plugin_family]\n"
+                                              "models: {family: sd15-onestep, size: tiny}\ntask: {lr_size: 32}\n")
+    out = tmp_path / "teacher.md"
+    assert main(["--model", str(run), "--component", "unet", "--no-groups", "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Compression analysis: run (teacher).unet (tiny)")

@@ -4,6 +4,8 @@ Tiny widths, fp32, CPU. The ONNX tests need onnx, onnxscript and onnxruntime (th
 ``deploy`` extras) and skip cleanly without them.
 """
 
+import copy
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 
 from compress.deploy import export_model, load_exported, read_export_record
+from compress.deploy.record import DEFAULT_TOLERANCE
 from compress.errors import AdcError
 from compress.export import main as export_main
 from compress.inference import upscale
@@ -95,15 +98,20 @@ def test_upscale_runs_an_onnx_graph_with_the_same_tiling_and_colour_fix(dynamic_
     assert (got - want).abs().max() <= 1e-4
 
 
-def test_a_graph_with_the_colour_fix_inside_is_refused_for_tiling(tmp_path, one_thread):
+def test_a_graph_with_the_colour_fix_inside_runs_without_a_second_fix(tmp_path, one_thread):
     onnx_stack()
-    res = export_model(tiny(), tmp_path / "fix.onnx", "onnx", 16, color_fix="inside", exporter="torchscript",
-                       check=False)
-    assert res.record["parity"] is None
+    eager = tiny()
+    res = export_model(eager, tmp_path / "fix.onnx", "onnx", 16, dynamic=True, color_fix="inside", check=False)
+    assert res.record["parity"] is None and "onnxruntime_version" not in res.record  # nothing measured
+    assert res.record["color_fix"] == "inside" and "no second fix" in res.record["color_fix_runs"]
     model = load_exported(res.path)
-    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 64, 64)  # whole-image use is fine
-    with pytest.raises(AdcError, match="colour fix is inside"):
-        upscale(model, torch.rand(3, 16, 16))
+    assert model.fix_in_graph and model.color_fix is False  # nothing left for upscale to apply
+    model.color_fix = False  # what upscale does around its tiles: a no-op, the graph keeps its fix
+    lr = torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = eager(lr[None] * 2 - 1).add(1).mul(0.5).clamp(0, 1)[0]  # AdcSR's own whole-image fix, once
+    assert (upscale(model, lr) - want).abs().max() <= 1e-3
+    assert upscale(model, lr, tile=16, overlap=0).shape == (3, 128, 192)  # tiled: fixed per tile
 
 
 @pytest.mark.slow
@@ -115,10 +123,21 @@ def test_dynamo_onnx_exporter_dynamic_parity(tmp_path, one_thread):
     assert res.record["parity"]["max_abs"] <= TOL
 
 
-def test_dynamo_onnx_exporter_static_parity(tmp_path, one_thread):
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_static_parity_is_within_fp32s_own_rounding(tmp_path, one_thread, exporter):
+    """At LR 16 px the colour fix inside the graph divides by small per-channel stds, which magnifies
+    rounding: eager fp32 is itself ~1.7e-4 from an fp64 run there, so the export's distance to eager fp32
+    is bounded by a small multiple of that (the summation order of onnxruntime's kernels, which changes
+    between releases, is the only difference), and by the export's default tolerance."""
     onnx_stack()
-    res = export_model(tiny(), tmp_path / "static.onnx", "onnx", 16, exporter="dynamo")
-    assert res.parity_ok and res.max_abs <= TOL and res.record["opset"] == 18
+    model = tiny()
+    res = export_model(model, tmp_path / "static.onnx", "onnx", 16, exporter=exporter)
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        fp32_noise = float((model(lr).double() - copy.deepcopy(model).double()(lr.double())).abs().max())
+    assert res.parity_ok and res.record["opset"] == 18 and res.record["parity"]["tolerance"] == DEFAULT_TOLERANCE
+    assert res.max_abs <= max(4 * fp32_noise, TOL)
+    assert res.record["onnxruntime_version"] == importlib.metadata.version("onnxruntime")
     assert [p.name for p in tmp_path.iterdir()] == ["static.onnx"]  # no temp files or folders left
 
 
@@ -180,6 +199,34 @@ def test_sr_cli_runs_an_exported_onnx_file_like_torch(tmp_path, capsys, one_thre
                        (["--backend", "torch"], "runs with --backend onnxruntime")):
         assert sr_main(["--model", str(onnx_file), "--output", str(tmp_path / "x"), *common, *extra]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_export_dynamic_then_sr_with_the_defaults(tmp_path, capsys, one_thread):
+    """``adc export MODEL --dynamic`` then ``adc sr --model FILE.onnx``: no flag needed, no dead end."""
+    onnx_stack()
+    weights = _official_weights(tmp_path / "weights", 7)
+    onnx_file = tmp_path / "student.onnx"
+    assert export_main([str(weights), "--size", "tiny", "--dynamic", "--lr-size", "32", "--out", str(onnx_file),
+                        "--threads", "1"]) == 0
+    rec = read_export_record(onnx_file)
+    assert rec["color_fix"] == "inside" and rec["exporter"] == "torch.onnx.export(dynamo=False)"
+    import onnxruntime
+
+    assert rec["onnxruntime_version"] == onnxruntime.__version__ and rec["parity"]["ok"]
+    src = tmp_path / "lr"
+    src.mkdir()
+    g = torch.Generator().manual_seed(0)  # sides of 16: the in-graph fix sees exactly the image
+    Image.fromarray((torch.rand(32, 48, 3, generator=g) * 255).to(torch.uint8).numpy()).save(src / "a.png")
+    capsys.readouterr()
+    assert sr_main(["--model", str(onnx_file), "--input", str(src), "--output", str(tmp_path / "ort"),
+                    "--threads", "1"]) == 0
+    assert sr_main(["--model", str(weights), "--size", "tiny", "--input", str(src), "--output", str(tmp_path / "torch"),
+                    "--threads", "1"]) == 0
+    assert "per tile" not in capsys.readouterr().err
+    assert (_pixels(tmp_path / "torch" / "a.png") - _pixels(tmp_path / "ort" / "a.png")).abs().max() <= 1
+    assert sr_main(["--model", str(onnx_file), "--input", str(src), "--output", str(tmp_path / "tiled"),
+                    "--tile", "32", "--overlap", "16", "--threads", "1"]) == 0
+    assert "applied per tile" in capsys.readouterr().err  # said, not refused
 
 
 @pytest.mark.slow

@@ -323,5 +323,54 @@ def test_nothing_computed_is_exit_2_and_writes_nothing(tmp_path, no_pyiqa, capsy
     assert main(["--sr", str(tmp_path / "x"), "--hr", str(tmp_path / "x"), "--metrics", "lpips",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: no metric could be computed (lpips: unavailable (pyiqa not installed)); nothing written"]
+    assert len(err) == 1 and err[0].startswith(
+        "error: no metric could be computed (lpips: unavailable (pyiqa not installed)); nothing written; "
+        'learned metrics lpips not computed (pyiqa is not installed); to enable them: pip install -e ".[iqa]"')
     assert not out.exists()
+
+
+# ---- a subset of SR images against a larger HR folder; how to enable learned metrics --------------
+
+
+def test_a_subset_of_sr_images_is_scored_by_name_against_a_larger_hr_folder(tmp_path, no_pyiqa, capsys):
+    hr = tmp_path / "hr"
+    _write_images(hr, ["a.png", "b.png", "c.png", "d.png"])
+    _copies(hr, tmp_path / "sr", {"d.png": "d.png", "b.png": "b.png"})
+    out = tmp_path / "report"
+    assert main(["--sr", str(tmp_path / "sr"), "--hr", str(hr), "--metrics", "psnr", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"info: scoring the 2 SR images by name against {hr}; its other 2 HR images have no SR image of "
+                   "the same name and are ignored"]
+    per_image = pd.read_csv(out / "per_image.csv")
+    assert list(zip(per_image["sr"], per_image["hr"])) == [("b.png", "b.png"), ("d.png", "d.png")]
+    assert np.allclose(per_image["psnr"], 80.0)  # the right pairs: identical images
+    assert "its other 2 HR images have no SR image" in (out / "summary.md").read_text()
+    # an SR image without a same-named HR image is still an error, and so is a subset with no name in common
+    _write_images(tmp_path / "sr2", ["a.png", "z.png"])
+    with pytest.raises(AdcError, match=r"z\.png: no HR image named z\.\* in"):
+        pair_folders(tmp_path / "sr2", hr)
+    _write_images(tmp_path / "sr3", ["x.png", "y.png"])
+    with pytest.raises(AdcError, match=r"no SR file name matches an HR one .* paired by name only"):
+        pair_folders(tmp_path / "sr3", hr)
+
+
+def test_unavailable_learned_metrics_get_one_line_on_how_to_enable_them(tmp_path, no_pyiqa, capsys):
+    _write_images(tmp_path / "x", ["a.png"])
+    assert main(["--sr", str(tmp_path / "x"), "--hr", str(tmp_path / "x"), "--metrics", "psnr,lpips,fid",
+                 "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    hub = torch.hub.get_dir()
+    assert len(err) == 1 and err[0].startswith('info: learned metrics lpips, fid not computed (pyiqa is not installed); '
+                                               'to enable them: pip install -e ".[iqa]" and put their weight files')
+    assert f"{hub}/pyiqa" in err[0] and f"{hub}/checkpoints" in err[0]  # where learned.py looks for them
+
+
+def test_the_hint_for_missing_weights_names_their_folder(stub_pyiqa):
+    from compress.evaluate import enable_hint
+
+    hint = enable_hint({"dists": "unavailable (weights not found: ...)", "psnr": "x",
+                        "niqe": "failed on a.png (RuntimeError: model exploded)"})
+    assert hint.startswith("learned metrics dists not computed (weights not on disk); to enable them: put their "
+                           f"weight files (pyiqa's file names; adc never downloads) in {stub_pyiqa / 'pyiqa'}, "
+                           f"{stub_pyiqa / 'checkpoints'} ")
+    assert "pip install" not in hint and enable_hint({"niqe": "failed on a.png (...)"}) is None

@@ -134,6 +134,44 @@ def test_compare_rejects_bad_sizes_in_one_line(capsys):
     assert compare.main(["--models", "osediff,sd3", "--no-latency"]) == 2
 
 
+STUDENT_RUN = """
+name: structure
+device: meta          # a structure-only run: the student's records, no weights (seconds)
+models: {family: osediff, size: tiny}
+task: {lr_size: 32}
+stages:
+  - remove: {init: teacher}
+"""
+
+
+def test_compare_takes_a_run_directory_and_writes_a_new_folder_by_default(tmp_path, monkeypatch, capsys, one_thread):
+    """A run's student against its family's teacher; the reports go to ./adc-compare, never to the repo's reports/."""
+    from compress.recipe import load_recipe
+    from compress.run import run_recipe
+
+    (tmp_path / "recipe.yaml").write_text(STUDENT_RUN)
+    run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "myrun", log=lambda m: None)
+    monkeypatch.chdir(tmp_path)
+    reports = {p.name: p.stat().st_mtime_ns for p in (REPO / "reports").iterdir()}
+    assert compare.main(["--models", "myrun,osediff", "--size", "tiny", "--lr-size", "32", "--no-latency"]) == 0
+    md = (tmp_path / "adc-compare" / "complexity.md").read_text()
+    assert "# Complexity: myrun (student) vs OSEDiff" in md and "## 2. myrun (student) relative to the teachers" in md
+    assert "the run's student as saved in" in md
+    rows = _rows(tmp_path / "adc-compare" / "complexity.csv")
+    assert {"myrun", "osediff", "myrun_vs_osediff"} <= {r["model"] for r in rows}
+    assert {p.name: p.stat().st_mtime_ns for p in (REPO / "reports").iterdir()} == reports
+    assert compare._parser().get_default("out") == compare.CompareOptions().out == "adc-compare"
+
+
+def test_compare_models_name_plugins_and_near_misses(capsys):
+    opts = compare.CompareOptions(models=("sd15-onestep",), plugins=("plugin_family",), latency=False)
+    opts.check()  # a plugin family's teacher is a model like any other
+    assert SPECS["sd15-onestep"].kind == "teacher" and SPECS["sd15-onestep"].title == "SD15 one-step"
+    assert compare.main(["--models", "osedif", "--no-latency"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --models osedif: unknown model 'osedif'; did you mean 'osediff'?")
+
+
 def test_gpu_bench_python_part_dry_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu"
     argv = ["--size", "tiny", "--device", "cpu", "--lr-size", "32", "--dtypes", "fp32", "--warmup", "0",

@@ -83,6 +83,9 @@ def test_dead_channels_prune_exactly(importance):
                                             "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q": 0.25})
     batches = lambda: [_inputs(2), _inputs(2)]  # noqa: E731
     pruned, rec = prune_channels(unet, cfg, inputs, importance_batches=batches)
+    assert torch.equal(_run(unet, inputs), ref)  # the caller's model is left as it was (a copy is pruned)
+    res, block = pruned.down_blocks[1].resnets[0], pruned.down_blocks[0].attentions[0].transformer_blocks[0]
+    attn = pruned.down_blocks[1].attentions[0].transformer_blocks[0].attn1
     out = _run(pruned, inputs)
     assert (out - ref).abs().max().item() <= 1e-5
     assert rec.params_before - rec.params_after == removed
@@ -112,8 +115,8 @@ def test_dead_heads_prune_exactly_in_heads_mode():
     ref = _run(unet, inputs)
     cfg = ChannelPruneConfig(pruning_ratio=0.0, attention="heads",
                              module_ratios={"up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_v": 0.25})
-    pruned, rec = prune_channels(unet, cfg, inputs)
-    assert (_run(pruned, inputs) - ref).abs().max().item() <= 1e-5
+    pruned, rec = prune_channels(unet, cfg, inputs, inplace=True)
+    assert pruned is unet and (_run(pruned, inputs) - ref).abs().max().item() <= 1e-5
     assert (attn.heads, attn.to_q.out_features, attn.scale) == (3, 48, pytest.approx(16**-0.5))
     assert rec.params_before - rec.params_after == removed
 

@@ -120,3 +120,25 @@ def test_overwrite_and_tampered_weights(tmp_path):
     save_safetensors(state, tmp_path / "m" / WEIGHTS)
     with pytest.raises(AdcError, match="conv_in.weight"):
         load_compressed(tmp_path / "m")
+
+
+def test_save_pretrained_keeps_the_records_and_names_a_missing_base(tmp_path):
+    from compress.prune import from_pretrained, load_records, save_pretrained
+
+    torch.manual_seed(0)
+    unet, r0 = base_model("compress.zoo.sd:build_unet", size="tiny")
+    small, r1 = remove_conditioning(unet)
+    save_pretrained(small, tmp_path / "a", [r1], base=unet)  # the dense original, recorded by its config
+    save_pretrained(small, tmp_path / "b", [r0, r1])  # or a chain that starts with its base record
+    x = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "a")(x), small(x))
+        assert torch.equal(from_pretrained(tmp_path / "b")(x), small(x))
+    assert [r.op for r in load_records(tmp_path / "a")] == ["base", "remove_conditioning"]
+    assert load_records(tmp_path / "a")[1].to_dict() == json.loads(json.dumps(r1.to_dict()))
+    for records, base, msg in (([r1], None, "base=<the dense original model>"),
+                               ([r0, r1], unet, "already start with a 'base' record"),
+                               ([r1], torch.nn.Conv2d(1, 1, 1), "no diffusers config")):
+        with pytest.raises(AdcError, match=msg):
+            save_pretrained(small, tmp_path / "c", records, base=base)
+    assert not (tmp_path / "c").exists()

@@ -73,10 +73,27 @@ def test_remove_conditioning_gives_condition_free_unet():
 def test_remove_only_cross_attention_keeps_diffusers_model():
     unet = build_unet("tiny")
     model, rec = remove_conditioning(unet, drop=["cross_attention"])
-    assert model is unet and rec.extra["result"] == "UNet2DConditionModel"
+    assert isinstance(model, type(unet)) and rec.extra["result"] == "UNet2DConditionModel"
     assert not any(n.endswith("attn2") for n, _ in model.named_modules())
     with torch.no_grad():
         assert model(torch.randn(1, 4, 16, 16), 999, None).sample.shape == (1, 4, 16, 16)
+    same, _ = remove_conditioning(unet, drop=["cross_attention"], inplace=True)  # the caller owns it
+    assert same is unet and not any(n.endswith("attn2") for n, _ in unet.named_modules())
+
+
+def test_transforms_leave_the_original_running():
+    """A copy is edited by default: the caller's UNet keeps every module and its exact output."""
+    torch.manual_seed(0)
+    unet = build_unet("tiny").eval()
+    x, t, ehs = torch.randn(1, 4, 16, 16), torch.tensor([999]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before = unet(x, t, ehs).sample
+    names = [n for n, _ in unet.named_modules()]
+    small, _ = remove_conditioning(unet)
+    small, _ = remove_modules(small, "conv_act", "identity")
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, ehs).sample, before) and small(x).shape == (1, 4, 16, 16)
+    assert [n for n, _ in unet.named_modules()] == names
 
 
 def test_remove_conditioning_errors():

@@ -43,6 +43,11 @@ def test_set_overrides_reach_nested_stage_values():
     ("name: x\nmodels: {family: osediff}\nstages:\n  - prune: {}\n  - analyse: {}\n",
      r"stage 'analyse' cannot come after 'prune'"),
     ("name: x\nmodels: {family: osediff}\nstages:\n  - shrink: {}\n", r"unknown stage 'shrink'"),
+    # a near miss names the key or stage meant
+    ("name: x\nmodels: {family: osediff}\nstages:\n  - distill: {lr_gg: 1.0e-4}\n",
+     r"r\.yaml\.stages\.distill\.lr_gg: unknown key; did you mean lr_g\?$"),
+    ("name: x\nmodels: {family: osediff}\nstages:\n  - analyze: {}\n", r"unknown stage 'analyze'; did you mean analyse\?$"),
+    ("name: x\nsed: 3\nstages: [analyse]\n", r"r\.yaml\.sed: unknown key; did you mean seed\?$"),
     ("name: x\nmodels: {family: osediff, weights: {osediff: /nonexistent/osediff.pkl}}\nstages: [analyse]\n",
      r"models\.weights\.osediff: .* does not exist"),
     ("name: x\ntask: {prompt: sometimes}\nstages: [analyse]\n", r"task\.prompt: 'sometimes' is not one of"),
@@ -58,6 +63,15 @@ def test_set_overrides_reach_nested_stage_values():
 def test_bad_recipes_name_the_key(tmp_path, text, expected):
     with pytest.raises(AdcError, match=expected):
         load_recipe(_write(tmp_path, text))
+
+
+def test_set_paths_with_a_typo_say_did_you_mean():
+    with pytest.raises(AdcError, match=r"stages\.distill\.lr_gg: unknown key; did you mean lr_g\?$"):
+        load_recipe(ROOT / "recipes" / "adcsr.yaml", ["stages.distill.lr_gg=1e-4"])
+    with pytest.raises(AdcError, match=r"--set stages\.distil\.lr_g: no stage 'distil' in the recipe; did you mean distill\?"):
+        load_recipe(ROOT / "recipes" / "adcsr.yaml", ["stages.distil.lr_g=1e-4"])
+    with pytest.raises(AdcError, match=r"models\.sise: unknown key; did you mean size\?"):
+        load_recipe(ROOT / "recipes" / "adcsr.yaml", ["models.sise=tiny"])
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):

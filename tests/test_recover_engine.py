@@ -184,3 +184,42 @@ def test_resume_falls_back_to_the_last_whole_checkpoint(tmp_path):
     assert res.summary["steps_this_run"] == 2  # steps 3 and 4 again, from step 2
     assert (tmp_path / "broken" / "checkpoints" / ".broken-step-00000004").is_dir()  # set aside, not deleted
     assert torch.equal(model.weight, straight_model.weight)  # bit-identical to the uninterrupted run
+
+
+# ---------------------------------------------------------------------------------- loss curves
+def test_loss_curves_mark_the_schedule_and_show_raw_and_smoothed_lines(tmp_path):
+    """Linear axes, one panel per term, the raw line in the legend beside the EMA, and a vertical
+    line where the discriminator starts and where the lr steps (only those inside the run)."""
+    import pandas as pd
+
+    from compress.recover.distill import build_setup
+    from compress.recover.engine import curve_markers, loss_figure, plot_losses
+
+    steps = list(range(10, 101, 10))
+    df = pd.DataFrame({"step": steps, "feat": [5.0 / s for s in steps],
+                       "adv": [None] * 3 + [0.7] * 7, "d": [0.69] * 10})
+    markers = {"discriminator starts": [1, 30], "lr x0.5": [60, 1000]}  # step 1 and 1000 mark nothing drawn
+    assert curve_markers(markers, 100) == [(30, "discriminator starts"), (60, "lr x0.5")]
+    fig = loss_figure(df, {"G": ["feat", "adv"], "D": ["d"]}, "t", markers)
+    axes = [ax for ax in fig.axes if ax.lines]
+    assert len(axes) == 3 and all(ax.get_yscale() == "linear" for ax in axes)
+    for ax in axes:
+        vertical = sorted(float(line.get_xdata()[0]) for line in ax.lines
+                          if len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2)
+        assert vertical == [30.0, 60.0]
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert any(lbl.startswith("raw") for lbl in labels) and any(lbl.startswith("EMA") for lbl in labels)
+        assert "lr x0.5 (step 60)" in labels
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    csv = tmp_path / "m.csv"
+    df.to_csv(csv, index=False)
+    assert plot_losses(csv, tmp_path / "c.png", {"G": ["feat"]}, "t", markers).stat().st_size > 1000
+    # the distill stage passes its own schedule: adv_start and the lr milestones of its config
+    from compress.recover.distill import DistillBundle, FeaturePair
+
+    bundle = DistillBundle(student=nn.Linear(2, 2), teacher=nn.Linear(2, 2), pairs=[FeaturePair("", "")],
+                           make_inputs=lambda b, d: {}, discriminator=nn.Linear(2, 1), real=nn.Linear(2, 2))
+    setup = build_setup(bundle, DistillConfig(adv_start=50, lr_milestones=[80], lr_gamma=0.5), [torch.zeros(2)])
+    assert setup.markers == {"discriminator starts": [50], "lr x0.5": [80]}

@@ -130,3 +130,88 @@ def test_full_recipe_without_weights_runs_to_its_clear_stop(tmp_path):
     assert prune["params_after"] == 456_073_683  # the official AdcSR student, from the generic transformations
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Stopped early" in report and "494.97 G" in report and "549.50 G" in report
+
+
+def _strings(obj, key=""):
+    """(key path, value) of every string in a JSON value."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(v, f"{key}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _strings(v, f"{key}[{i}]")
+    elif isinstance(obj, str):
+        yield key, obj
+
+
+def test_every_done_json_records_its_environment_and_paths_relative_to_the_run(tiny_run):
+    import os
+    import platform
+
+    out, _ = tiny_run
+    markers = sorted(out.glob("[0-9][0-9]-*/DONE.json"))
+    assert len(markers) == 8
+    for marker in markers:
+        done = json.loads(marker.read_text())
+        env = done["environment"]
+        assert env["torch"] == torch.__version__ and env["python"] == platform.python_version(), marker
+        assert {"diffusers", "transformers", "peft", "accelerate", "torch-pruning", "numpy", "adc", "git_commit",
+                "device", "torch_threads", "date"} <= set(env)
+        for key, value in _strings(done["artifacts"]):
+            assert not os.path.isabs(value), (marker.parent.name, key, value)
+            looks_like_path = " " not in value and ("/" in value or value.endswith((".md", ".csv", ".png", ".html")))
+            assert not looks_like_path or (out / value).exists(), (marker.parent.name, key, value)
+
+
+def test_the_report_stands_alone(tiny_run):
+    import re
+
+    out, _ = tiny_run
+    report = (out / "report.md").read_text()
+    evaluate = json.loads((out / "05-evaluate" / "DONE.json").read_text())["artifacts"]
+    headline = re.findall(r"Student SR vs HR: PSNR-Y \*\*([\d.]+) dB", report)
+    assert headline == [f"{evaluate['means']['student']['psnr']:.2f}"]  # one number, the evaluate stage's
+    summary = report[report.index("## Summary"):report.index("## Analysis")]
+    assert headline[0] in summary and "on the first 1 eval pairs" in report  # the recovery checks say what they are
+    assert "[per_image.csv](05-evaluate/per_image.csv)" in report and (out / "05-evaluate" / "per_image.csv").is_file()
+    assert "widen_module (unet.conv_in: " in report and "widen_module (unet.conv_out: " in report
+    remove = json.loads((out / "01-remove" / "DONE.json").read_text())["artifacts"]
+    prune = json.loads((out / "02-prune" / "DONE.json").read_text())["artifacts"]
+    profile = json.loads((out / "06-profile" / "DONE.json").read_text())["artifacts"]
+    student = next(r for r in profile["rows"] if r["model"] == "student")
+    assert remove["records"][-1]["student_params_after"] == prune["params_before"] == remove["params"]
+    assert prune["records"][-1]["student_params_after"] == prune["params_after"] == student["params"]
+    assert re.search(r"\| student MACs / teacher MACs \| <= 0\.300x \| 0\.\d+x \| \*\*reached\*\* \|", report)
+    assert "## Environment" in report and f"| torch | `{torch.__version__}` |" in report
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and 'src="report_images.png"' not in html  # one shareable file
+    assert '<h2 id="environment">Environment</h2>' in html
+
+
+def test_a_changed_environment_is_reported_and_warned_once(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    import compress.environment as environment
+
+    out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    for stage in ("06-profile", "07-report"):  # two stages run again, "after an upgrade"
+        (run / stage / "DONE.json").unlink()
+    real = environment.collect
+    monkeypatch.setattr(environment, "collect", lambda device=None: {**real(device), "torch": "0.0.0-other",
+                                                                      "date": "2099-01-01T00:00:00+00:00"})
+    threads = torch.get_num_threads()
+    try:
+        result = run_recipe(load_recipe(ROOT / "recipes" / "adcsr-tiny.yaml", FEW_STEPS), run, resume=True,
+                            log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["done"][-2:] == ["profile", "report"]
+    report = (run / "report.md").read_text()
+    assert "**The environment differs from what earlier stages of this run recorded**" in report
+    assert (f"- torch: {torch.__version__} (analyse, remove, prune, pretrain_decoder, distill, evaluate) -> "
+            "0.0.0-other") in report
+    assert "- date" not in report  # when a stage ran is no difference
+    log = (run / "run.log").read_text()
+    assert log[log.rindex("run directory"):].count("different environment") == 1  # profile warned, report did not

@@ -46,11 +46,11 @@ def test_cli_writes_pngs_and_skips_unreadable_files(tmp_path, capsys):
 
 
 def test_tile_batch_defaults_to_one_on_a_cpu_and_follows_the_flag(tmp_path, monkeypatch):
-    import compress.sr as sr
+    import compress.inference as inference
 
     seen = []
-    real = sr.upscale_to_png
-    monkeypatch.setattr(sr, "upscale_to_png", lambda *a, **kw: seen.append(kw["batch"]) or real(*a, **kw))
+    real = inference.upscale_to_png
+    monkeypatch.setattr(inference, "upscale_to_png", lambda *a, **kw: seen.append(kw["batch"]) or real(*a, **kw))
     write_images(tmp_path / "lr")
     base = ["--model", "adcsr", "--size", "tiny", "--input", str(tmp_path / "lr" / "a.png"), "--device", "cpu"]
     assert main(base + ["--output", str(tmp_path / "one")]) == 0

@@ -4,8 +4,10 @@
     python -m compress.analysis --model FAMILY --component unet --size tiny --out unet.md
 
 ``--model``: a model family's teacher (any name in ``compress.families.available()``, plugins
-included) or one of its named compressed models (``adcsr``); ``--component`` analyses one part
-of it alone (a bare UNet called as ``unet(sample, timestep, encoder_hidden_states)``). Models
+included: entry points, or a module given with ``--plugin``), one of its named compressed models
+(``adcsr``), or an adc run directory: its newest student, or its teacher before a student was
+saved, with the run's size, prompt policy and LR size as defaults (:mod:`compress.targets`);
+``--component`` analyses one part of it alone (a bare UNet called as ``unet(sample, timestep, encoder_hidden_states)``). Models
 are built on ``meta`` (no memory, no weights: the analysis needs shapes and wiring only). Prints
 the run time and peak RSS, which also go into the report. A user mistake (unknown model, bad
 option) exits 2 with one line.
@@ -39,13 +41,21 @@ def _unet_inputs(unet: Any, lr: int) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m compress.analysis",
+    from ..cli import prog
+
+    p = argparse.ArgumentParser(prog=prog("analyse"),
                                 description="Classify every module of a pipeline as removable / foldable / prunable / keep.")
-    p.add_argument("--model", required=True, help="a family's teacher or a named model (see compress.families.models())")
+    p.add_argument("--model", required=True,
+                   help="a family's teacher or a named model (adc families), or an adc run directory")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (a plugin that registers model families); repeatable")
     p.add_argument("--component", default=None, help="analyse one component of the model alone (e.g. unet)")
-    p.add_argument("--size", default="full", help="full or tiny widths (built on meta either way); default full")
-    p.add_argument("--lr-size", type=int, default=128, help="side of the LR input; default 128 (-> 512 SR)")
-    p.add_argument("--prompt", default="dropped", help="prompt policy: dropped, fixed or variable; default dropped")
+    p.add_argument("--size", default=None,
+                   help="full or tiny widths (built on meta either way); default full, or the run's size")
+    p.add_argument("--lr-size", type=int, default=None,
+                   help="side of the LR input; default 128 (-> 512 SR), or the run's task.lr_size")
+    p.add_argument("--prompt", default=None,
+                   help="prompt policy: dropped, fixed or variable; default dropped, or the run's task.prompt")
     p.add_argument("--out", required=True, help="Markdown report path")
     p.add_argument("--csv", default=None, help="per-module CSV path (default: --out with .csv)")
     p.add_argument("--no-groups", action="store_true", help="skip the torch-pruning groups")
@@ -61,11 +71,15 @@ def _peak_rss_gib() -> float:
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
-    from ..families import build, get, models
+    from ..families import get
+    from ..targets import resolve
 
-    known = models()
-    if args.model not in known:
-        raise AdcError(f"unknown model {args.model!r}; known: {', '.join(sorted(known))}")
+    target = resolve(args.model, args.plugin)
+    if target.run_dir is not None and args.size is not None and args.size != target.size:
+        raise AdcError(f"--size {args.size!r}: the run {target.run_dir} is {target.size}-size")
+    args.size = args.size or target.size or "full"
+    args.prompt = args.prompt or target.task.get("prompt") or "dropped"
+    args.lr_size = args.lr_size if args.lr_size is not None else int(target.task.get("lr_size") or 128)
     if args.size not in ("full", "tiny"):
         raise AdcError(f"--size {args.size!r} is not one of full, tiny")
     if args.prompt not in ("dropped", "fixed", "variable"):
@@ -77,9 +91,9 @@ def run(argv: list[str]) -> int:
     from .facts import TaskFacts, unet_facts
     from .report import groups_csv_path, write_report
 
-    model = build(args.model, args.size, "meta")
-    fam_name, kind = known[args.model]
-    family = get(fam_name)
+    model = target.build(args.size, "meta")
+    kind = target.kind
+    family = get(target.family)
     call = getattr(family, "analysis_call", None) if kind == "teacher" else None
     if args.component:
         comps = model.components() if hasattr(model, "components") else dict(model.named_children())
@@ -90,9 +104,12 @@ def run(argv: list[str]) -> int:
     elif kind == "teacher":
         facts, inputs = family.facts(args.prompt, 999), family.example_inputs(args.lr_size, "meta", model)
     else:  # a compressed model: nothing left to drop but what it keeps
+        import torch
+
         facts = TaskFacts(prompt=args.prompt, prompt_sources=(), prompt_encoders=(), edges=())
-        inputs = family.example_inputs(args.lr_size, "meta")
-    name = f"{args.model}.{args.component}" if args.component else args.model
+        inputs = ({"lr": torch.zeros(1, 3, args.lr_size, args.lr_size, device="meta")}  # a run's AdcSR-style student
+                  if target.student_dir is not None else family.example_inputs(args.lr_size, "meta"))
+    name = f"{target.label}.{args.component}" if args.component else target.label
     analysis = analyse(model, facts, inputs, model=f"{name} ({args.size})", device="meta",
                        prune=not args.no_groups, min_side=args.min_side,
                        call=(lambda m, **kw: call(m, **kw)) if call else None)
@@ -100,7 +117,7 @@ def run(argv: list[str]) -> int:
     csv = Path(args.csv) if args.csv else out.with_suffix(".csv")
     seconds = round(time.perf_counter() - t0, 1)
     analysis.info["run"] = {
-        "command": "python -m compress.analysis " + " ".join(shlex.quote(a) for a in argv),
+        "command": f"{_parser().prog} " + " ".join(shlex.quote(a) for a in argv),
         "seconds": seconds, "process_seconds": _process_seconds(), "peak_rss_gib": _peak_rss_gib(),
         "machine": f"{platform.machine()} CPU, {_cpus()} cores visible, torch threads {_threads()}",
     }

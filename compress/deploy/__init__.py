@@ -7,9 +7,28 @@
   contract, so :func:`compress.inference.upscale` (padding, tiling, colour fix) runs it unchanged.
 * :mod:`.fp16` -- ``python -m compress.deploy.fp16``: per-block activation maxima on real images
   and the blocks that must stay fp32 under fp16 autocast (:mod:`compress.inference.fp16`).
+
+Names load on first use (PEP 562), so reading a record (:mod:`.record`) does not import torch.
 """
 
-from .export import EXPORT_FORMATS, ExportResult, export_model, read_export_record
-from .runtime import ExportedSR, load_exported
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {"EXPORT_FORMATS": ".record", "read_export_record": ".record", "ExportResult": ".export",
+          "export_model": ".export", "ExportedSR": ".runtime", "load_exported": ".runtime"}
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "ExportedSR", "export_model", "load_exported", "read_export_record"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -11,7 +11,14 @@ The graph maps LR in [-1, 1] (1, 3, h, w) float32 to SR in [-1, 1] (1, 3, s*h, s
 model contract, not clamped. ``color_fix="inside"`` puts AdcSR's per-channel colour match in the
 graph (the file alone reproduces the official ``test.py``); ``"outside"`` leaves it out, so a
 tiler can apply it once over the whole stitched image (what :mod:`compress.inference` does, and
-what :func:`compress.deploy.runtime.load_exported` does when a graph lacks it).
+what :func:`compress.deploy.runtime.load_exported` does when a graph lacks it). The record says
+which (``color_fix``, and ``color_fix_runs`` in words); ``compress.sr`` runs either kind.
+
+Exporter: the TorchScript one by default. Measured on the tiny student (2 shared CPU cores,
+torch 2.13, onnxruntime 1.32; ``python -m compress.export adcsr --size tiny --dynamic
+--exporter X``): 22 s vs 57 s for dynamo at 128x128, 2-3 s vs 12-45 s at 16/32, with the same
+parity (max abs to eager 3-4e-5 dynamic, 2-7e-4 for both on a static 16x16 with the fix inside).
+``--exporter dynamo`` stays available (TorchScript's exporter is deprecated upstream).
 """
 
 from __future__ import annotations
@@ -36,17 +43,12 @@ from ..errors import AdcError
 from ..inference.engine import color_fix_off
 from ..inference.padding import model_pad_multiple
 from ..zoo.adcsr import match_color
+from .record import (COLOR_FIX_RUNS, DEFAULT_EXPORTER, DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS, EXPORTERS,
+                     RECORD_FILE, RECORD_FORMAT, RECORD_KEY, default_path, read_export_record)
 
-__all__ = ["EXPORT_FORMATS", "EXPORTERS", "RECORD_KEY", "RECORD_FILE", "ExportResult", "SRGraph", "export_model",
-           "read_export_record", "parity_inputs", "default_path"]
+__all__ = ["EXPORT_FORMATS", "EXPORTERS", "DEFAULT_EXPORTER", "RECORD_KEY", "RECORD_FILE", "ExportResult", "SRGraph",
+           "export_model", "read_export_record", "parity_inputs", "default_path"]
 
-EXPORT_FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
-EXPORTERS = ("dynamo", "torchscript")  # ONNX only: torch.onnx.export(dynamo=True) or the TorchScript exporter
-RECORD_KEY = "adc"  # ONNX metadata_props key holding the JSON record
-RECORD_FILE = "adc.json"  # extra file inside a .pt2
-RECORD_FORMAT = "adc-export"
-DEFAULT_OPSET = 18
-DEFAULT_TOLERANCE = 1e-4
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # one .onnx file holds < 2 GiB; above, weights go to NAME.data
 
 Log = Callable[[str], None]
@@ -82,13 +84,6 @@ class ExportResult:
     def parity_ok(self) -> bool | None:
         parity = self.record.get("parity") or {}
         return parity.get("ok")
-
-
-def default_path(stem: str, fmt: str, lr_size: tuple[int, int], dynamic: bool, color_fix: str) -> Path:
-    """``exports/<stem>-<128x128|dyn>-<fix>.<ext>``: the CLI's default output name."""
-    size = "dyn" if dynamic else f"{lr_size[0]}x{lr_size[1]}"
-    fix = {"inside": "fix", "outside": "nofix", "none": "raw"}[color_fix]
-    return Path("exports") / f"{stem}-{size}-{fix}{EXPORT_FORMATS[fmt]}"
 
 
 def _lr_size(lr_size: int | tuple[int, int], multiple: int) -> tuple[int, int]:
@@ -228,7 +223,7 @@ def _export_program(graph: SRGraph, example: torch.Tensor, dynamic: bool, multip
 
 def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
                  lr_size: int | tuple[int, int] = 128, dynamic: bool = False, color_fix: str | None = None, *,
-                 opset: int = DEFAULT_OPSET, exporter: str = "dynamo", source: str | None = None,
+                 opset: int = DEFAULT_OPSET, exporter: str = DEFAULT_EXPORTER, source: str | None = None,
                  check: bool = True, tolerance: float = DEFAULT_TOLERANCE, log: Log | None = None) -> ExportResult:
     """Export ``model`` (the zoo's SR contract, on CPU, fp32) to ``path``; returns the file and its record.
 
@@ -237,7 +232,9 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
     ``color_fix``: "inside" | "outside" | "none" (default: inside when the model has AdcSR's fix on).
     ``check``: run the exported file against eager fp32 and record the max abs difference; the
     result's ``parity_ok`` says whether it is <= ``tolerance`` (the file is written either way).
-    ``source``: how the model was obtained (a path, a zoo name), for the record.
+    ``source``: how the model was obtained (a path, a zoo name), for the record. ``exporter``
+    (ONNX): "torchscript" (default, the faster) or "dynamo". The record names the onnxruntime
+    version that measured the parity (``onnxruntime_version``).
     """
     log = log or (lambda s: None)
     if format not in EXPORT_FORMATS:
@@ -268,7 +265,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
             "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
             "export_format": format, "lr_size": list(size), "dynamic": dynamic,
             "dynamic_sides": f"any multiple of {multiple}" if dynamic else None, "batch": 1,
-            "pad_multiple": multiple, "scale": scale, "color_fix": fix,
+            "pad_multiple": multiple, "scale": scale, "color_fix": fix, "color_fix_runs": COLOR_FIX_RUNS[fix],
             "input": {"name": "lr", "shape": ["1", "3", "h", "w"], "dtype": "float32", "range": "[-1, 1]"},
             "output": {"name": "sr", "shape": ["1", "3", f"{scale}h", f"{scale}w"], "dtype": "float32",
                        "range": "[-1, 1] (not clamped)"},
@@ -302,6 +299,10 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
                 else:
                     got, runtime = [program.module()(x) for x in inputs], f"torch {torch.__version__} (ExportedProgram.module())"
                 if got:
+                    if format == "onnx":  # which runtime measured it: parity moves with onnxruntime versions
+                        import onnxruntime
+
+                        record["onnxruntime_version"] = onnxruntime.__version__
                     diffs = [(g - e).abs().max().item() for g, e in zip(got, expected)]
                     record["parity"] = {"max_abs": max(diffs), "per_size": diffs, "tolerance": tolerance,
                                         "ok": max(diffs) <= tolerance,
@@ -319,41 +320,3 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return ExportResult(path, record, written)
-
-
-def read_export_record(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON record of an exported ``.onnx`` or ``.pt2`` file; one-line errors for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdcError(f"{path}: file not found")
-    if path.suffix == ".onnx":
-        try:
-            import onnx
-        except ImportError:
-            raise AdcError(f"{path}: reading an ONNX file needs onnx (pip install -e '.[deploy]')") from None
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # onnx raises DecodeError and friends
-            raise AdcError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-        raw = next((p.value for p in proto.metadata_props if p.key == RECORD_KEY), None)
-    elif path.suffix == ".pt2":
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(path) as zf:  # read the record without deserialising the program
-                name = next((n for n in zf.namelist() if n.endswith(f"/{RECORD_FILE}")), None)
-                raw = zf.read(name).decode() if name else None
-        except (zipfile.BadZipFile, OSError):
-            raise AdcError(f"{path}: not a readable .pt2 file") from None
-    else:
-        raise AdcError(f"{path}: expected an exported .onnx or .pt2 file")
-    if not raw:
-        raise AdcError(f"{path}: no adc export record (not written by compress.export)")
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise AdcError(f"{path}: the adc export record is not valid JSON ({exc})") from None
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        raise AdcError(f"{path}: the adc export record has format {record.get('format') if isinstance(record, dict) else None!r}, "
-                       f"expected {RECORD_FORMAT!r}")
-    return record

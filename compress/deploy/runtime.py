@@ -6,9 +6,11 @@ a boolean ``color_fix`` it switches off while tiles run and applies once on the 
 :class:`ExportedSR` gives an exported file that contract from its record, so ``compress.sr
 --backend onnxruntime`` runs the same padding, tiling and colour fix as the torch backend.
 
-A graph exported with the colour fix *inside* cannot have it switched off: it can only run whole
-images untiled with no padding, so ``upscale`` refuses it with a one-line error; export with
-``--color-fix outside`` for ``compress.sr``.
+The record's ``color_fix`` says where AdcSR's colour match happens. ``outside``: here, so
+``upscale`` switches it off per tile and applies it once over the whole image (exactly as the
+torch backend). ``inside``: in the graph, on every call; it is not applied a second time, so an
+untiled image gets the official whole-image fix (over the reflection padding too, when a side is
+not a multiple of 16) and a tiled one gets it per tile (``compress.sr`` says so when tiling).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 
 from ..errors import AdcError
 from ..zoo.adcsr import match_color
-from .export import read_export_record
+from .record import read_export_record
 
 __all__ = ["ExportedSR", "OnnxSR", "ProgramSR", "load_exported", "onnx_providers"]
 
@@ -47,18 +49,24 @@ class ExportedSR(nn.Module):
         self._fix = self.graph_color_fix != "none"
 
     @property
+    def fix_in_graph(self) -> bool:
+        """The graph colour-matches every call itself (record ``color_fix: inside``)."""
+        return self.graph_color_fix == "inside"
+
+    @property
     def color_fix(self) -> bool:
-        """Whether the output is colour-matched to the LR (in the graph, or here for an "outside" graph)."""
-        return self._fix
+        """Whether this module applies the colour fix outside the graph (an "outside" graph with it on).
+
+        Always False for an "inside" graph: the graph does it, and nothing is left for a runner
+        to switch off per tile or to apply again over the whole image.
+        """
+        return self._fix and self.graph_color_fix == "outside"
 
     @color_fix.setter
     def color_fix(self, value: bool) -> None:
-        if not value and self.graph_color_fix == "inside":
-            raise AdcError(f"{self.path}: the colour fix is inside this graph, so it cannot be tiled or padded "
-                           "with a global colour fix; re-export with --color-fix outside")
         if value and self.graph_color_fix == "none":
             raise AdcError(f"{self.path}: this graph was exported without a colour fix")
-        self._fix = bool(value)
+        self._fix = bool(value) or self.fix_in_graph  # an inside fix cannot be switched off
 
     def _check_shape(self, lr: torch.Tensor) -> None:
         if lr.dim() != 4 or lr.shape[1] != 3:
@@ -81,7 +89,7 @@ class ExportedSR(nn.Module):
         x = lr.detach().float().cpu()
         # batch 1 graphs: one call per image
         sr = torch.cat([self.run(x[i:i + 1].contiguous()) for i in range(x.shape[0])]).to(dev)
-        if self._fix and self.graph_color_fix == "outside":
+        if self.color_fix:
             sr = match_color(sr, lr.float())
         return sr
 

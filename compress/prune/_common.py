@@ -2,11 +2,13 @@
 
 Every transformation returns ``(model, TransformRecord)``. The record is plain data (JSON via
 :meth:`TransformRecord.to_dict`) holding the op name and the arguments needed to replay it
-(:mod:`compress.prune.persist`), plus what changed, for reports.
+(:mod:`compress.prune.persist`), plus what changed, for reports. The caller's module is left
+as it was unless ``inplace=True`` (:func:`working_copy`).
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import importlib
 import re
@@ -144,6 +146,16 @@ def outermost(names: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Module surgery
 # --------------------------------------------------------------------------------------------
+def working_copy(model: nn.Module, inplace: bool) -> nn.Module:
+    """The module a transformation edits: ``model`` itself when ``inplace``, else a deep copy.
+
+    Why a copy by default: surgery reuses submodules, so an edited original is half-changed
+    (a UNet whose resnets lost ``time_emb_proj`` still computes a time embedding and fails).
+    ``inplace=True`` is for callers that own the model and need memory at full size (the runner).
+    """
+    return model if inplace else copy.deepcopy(model)
+
+
 def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr

@@ -47,7 +47,7 @@ from ..config import check_range, from_dict
 from ..errors import AdcError
 from ..zoo.adcsr import GN_DIVISORS, first_divisor
 from ._common import (ModuleChange, TransformRecord, check_pattern, count_params, describe, match_names,
-                      refuse_wrappers)
+                      refuse_wrappers, working_copy)
 from ._sync import sync_blocks, sync_samplers
 from .attention import ScalePolicy, attention_modules, attention_state, sync_attention
 
@@ -510,8 +510,8 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig | dict, example_
                    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
                    importance_batches: Callable[[], Iterable[Any]] | None = None,
                    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
-                   graph: Any = None) -> tuple[nn.Module, TransformRecord]:
-    """Prune channels of ``model`` in place with torch-pruning's dependency graph.
+                   graph: Any = None, *, inplace: bool = False) -> tuple[nn.Module, TransformRecord]:
+    """Prune channels of ``model`` with torch-pruning's dependency graph.
 
     ``example_inputs``: what the model is called with for tracing (dict -> kwargs, tuple -> args,
     tensor). ``forward_fn(model, inputs)``: how to call it instead (its first tensor output is used).
@@ -522,7 +522,8 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig | dict, example_
     :meth:`compress.analysis.Plan.take_graph`). On ``meta`` (a structure-only model) every
     importance is replaced by the leading-channel order: the architecture only depends on how
     many channels go. Returns ``(model, record)``; the record's ``extra`` holds torch-pruning's
-    ``pruning_history()`` and the per-group decisions.
+    ``pruning_history()`` and the per-group decisions. ``model`` is left unchanged (a copy is
+    pruned, ``graph`` rebound to it) unless ``inplace``.
     """
     cfg = config if isinstance(config, ChannelPruneConfig) else ChannelPruneConfig.from_dict(config)
     cfg.validate("prune")
@@ -535,6 +536,12 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig | dict, example_
         raise AdcError("prune.importance='taylor' needs importance_batches (a callable returning batches)")
     refuse_wrappers(model, "prune_channels")
     frozen_in, frozen_out, ratio_names = _resolve(model, cfg)
+    if not inplace:
+        model = working_copy(model, False)
+        if graph is not None:
+            from .graph import rebind_graph
+
+            graph = rebind_graph(graph, model)
     names = {}
     for n, m in model.named_modules():
         names.setdefault(m, n)
@@ -627,8 +634,8 @@ def _check_runs(model, example_inputs, forward_fn, ref_shape) -> list[ModuleChan
 
 
 def apply_history(model: nn.Module, record: TransformRecord, example_inputs: Any = None,
-                  forward_fn: Callable | None = None) -> nn.Module:
-    """Replay a ``prune_channels`` record on a dense model of the same architecture (in place).
+                  forward_fn: Callable | None = None, *, inplace: bool = False) -> nn.Module:
+    """Replay a ``prune_channels`` record on a dense model of the same architecture (a copy unless ``inplace``).
 
     The graph is traced again (on ``example_inputs``, or zeros shaped like the recorded ones)
     and torch-pruning's history re-applied: with the dense weights this reproduces the pruned
@@ -644,6 +651,7 @@ def apply_history(model: nn.Module, record: TransformRecord, example_inputs: Any
                            "and forward_fn")
         device = next(model.parameters()).device
         example_inputs = inputs_from_spec(spec, device)
+    model = working_copy(model, inplace)
     gn_before, attn_before = _gn_state(model), attention_state(model)
     with tracing_state(model):
         dg = build_graph(model, example_inputs, forward_fn)

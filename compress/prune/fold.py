@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import AdcError
 from ..zoo.unet import ConditionFreeUNet
-from ._common import Constant, ModuleChange, TransformRecord, count_params, describe, swap_modules
+from ._common import Constant, ModuleChange, TransformRecord, count_params, describe, swap_modules, working_copy
 
 _UNSUPPORTED_TOP = {
     "class_embedding": "a class embedding depends on class labels",
@@ -75,15 +75,16 @@ def time_embedding_at(unet: nn.Module, timestep: int | float, text_time: dict | 
 
 
 def fold_timestep(unet: nn.Module, timestep: int | float = 999, text_time: dict | None = None,
-                  planned: list[str] | None = None) -> tuple[ConditionFreeUNet, TransformRecord]:
-    """Fold the time branch of a diffusers ``UNet2DConditionModel`` at ``timestep`` (in place).
+                  planned: list[str] | None = None, *, inplace: bool = False
+                  ) -> tuple[ConditionFreeUNet, TransformRecord]:
+    """Fold the time branch of a diffusers ``UNet2DConditionModel`` at ``timestep``.
 
     Returns a :class:`ConditionFreeUNet` sharing the blocks (cross-attention, if any, is kept:
     call it as ``model(sample, encoder_hidden_states=...)``). An SDXL-style ``text_time`` added
     embedding folds too, given its constants (``text_time``, see :func:`time_embedding_at`).
     Refuses class embeddings, ``timestep_cond``, input centring and blocks that normalise with
     the embedding. ``planned``: the module names an analysis plan folds; they must be exactly
-    the ones this call folds.
+    the ones this call folds. ``unet`` is left unchanged (a copy is edited) unless ``inplace``.
     """
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -107,6 +108,7 @@ def fold_timestep(unet: nn.Module, timestep: int | float = 999, text_time: dict 
     from .remove import check_planned
 
     check_planned("fold_timestep", folded_names, planned)
+    unet = working_copy(unet, inplace)
     before = count_params(unet)
     emb = time_embedding_at(unet, timestep, text_time)
     changes: list[ModuleChange] = []
@@ -163,19 +165,21 @@ def fold_timestep(unet: nn.Module, timestep: int | float = 999, text_time: dict 
                                  "note": "cross-attention K/V for a fixed prompt: fold_cross_attention"})
 
 
-def fold_cross_attention(model: nn.Module, encoder_hidden_states: torch.Tensor
+def fold_cross_attention(model: nn.Module, encoder_hidden_states: torch.Tensor, *, inplace: bool = False
                          ) -> tuple[nn.Module, TransformRecord]:
     """Replace each cross-attention's ``to_k``/``to_v`` by the constant K/V of a fixed prompt.
 
     ``encoder_hidden_states``: (1, tokens, dim). Afterwards call the model without
     ``encoder_hidden_states``: diffusers' processor then feeds the hidden states to ``to_k``/
     ``to_v``, which ignore them and return the stored prompt K/V (expanded to the batch).
+    ``model`` is left unchanged (a copy is edited) unless ``inplace``.
     """
     from diffusers.models.attention_processor import Attention
 
     if not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.ndim != 3 \
             or encoder_hidden_states.shape[0] != 1:
         raise AdcError("fold_cross_attention: expected encoder_hidden_states of shape (1, tokens, dim)")
+    model = working_copy(model, inplace)
     before = count_params(model)
     mapping: dict[nn.Module, nn.Module] = {}
     changes = []

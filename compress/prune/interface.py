@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import AdcError
-from ._common import ModuleChange, TransformRecord, count_params, describe, rebuild_conv, rebuild_linear, swap_modules
+from ._common import (ModuleChange, TransformRecord, count_params, describe, rebuild_conv, rebuild_linear, swap_modules,
+                      working_copy)
 
 WidenMode = Literal["repeat", "zeros"]
 
@@ -74,12 +75,17 @@ def widen_conv(conv: nn.Module, in_channels: int | None = None, out_channels: in
 
 
 def widen_module(model: nn.Module, name: str, in_channels: int | None = None, out_channels: int | None = None,
-                 mode: WidenMode = "repeat") -> tuple[nn.Module, TransformRecord]:
-    """:func:`widen_conv` on ``model``'s submodule ``name``, swapped in place (replayable by name)."""
+                 mode: WidenMode = "repeat", *, inplace: bool = False) -> tuple[nn.Module, TransformRecord]:
+    """:func:`widen_conv` on ``model``'s submodule ``name``, swapped in (replayable by name).
+
+    ``model`` is left unchanged (a copy is edited) unless ``inplace``.
+    """
     try:
-        old = model.get_submodule(name)
+        model.get_submodule(name)
     except AttributeError:
         raise AdcError(f"widen_module: the model has no module {name!r}") from None
+    model = working_copy(model, inplace)
+    old = model.get_submodule(name)
     before = count_params(model)
     new, rec = widen_conv(old, in_channels, out_channels, mode)
     swap_modules(model, {old: new})

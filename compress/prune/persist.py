@@ -1,8 +1,10 @@
 """Save a compressed model as weights + the recipe of transformations; load it back in one call.
 
-Why not ``save_pretrained``: a pruned diffusers model keeps its dense ``config`` (e.g.
-``block_out_channels=(320, ...)``), so ``from_pretrained`` rebuilds the dense architecture and
-the weights no longer fit. Here the directory holds
+``save_pretrained(model, dir, records, base=dense_original)`` / ``from_pretrained(dir)`` are the
+one-call API (``save_compressed``/``load_compressed`` take the whole chain, base record first).
+Why not diffusers' own ``model.save_pretrained``: a pruned diffusers model keeps its dense
+``config`` (e.g. ``block_out_channels=(320, ...)``), so diffusers' ``from_pretrained`` rebuilds
+the dense architecture and the weights no longer fit. Here the directory holds
 
 - ``weights.safetensors``: the compressed state dict;
 - ``record.json``: the base model (an allow-listed builder and its arguments) and the ordered
@@ -26,7 +28,7 @@ from torch import nn
 from ..errors import AdcError
 from ..io import atomic_dir, atomic_write_text, load_safetensors, read_format_json, save_safetensors
 from ..zoo.construct import build_module
-from ._common import TransformRecord, count_params, import_target
+from ._common import TransformRecord, count_params, import_target, qualname
 from .attention import restore_attention
 
 FORMAT, VERSION = "adc-compressed", 1
@@ -58,6 +60,24 @@ def base_record(target: str, params: int = 0, **kwargs: Any) -> TransformRecord:
     return TransformRecord("base", {"target": target, "kwargs": kwargs}, 0, params)
 
 
+def base_record_of(model: nn.Module) -> TransformRecord:
+    """The ``base`` record of a diffusers model (a ``ConfigMixin``): its class and ``__init__`` config.
+
+    Why: a compressed model is rebuilt from the dense model it started as; the config is enough
+    to build that on ``meta`` (no weights, no init cost) before the records are replayed.
+    """
+    cls = type(model)
+    if not hasattr(cls, "from_config") or not hasattr(getattr(model, "config", None), "items"):
+        raise AdcError(f"base: {cls.__name__} has no diffusers config to rebuild it from; pass "
+                       "base=base_record('package.module:Builder', **kwargs) instead")
+    import diffusers
+
+    from ..student import init_config
+
+    target = f"diffusers:{cls.__name__}" if getattr(diffusers, cls.__name__, None) is cls else qualname(cls)
+    return base_record(target, count_params(model), **init_config(model))
+
+
 def _build_base(target: str, kwargs: dict[str, Any], device: str | torch.device) -> nn.Module:
     builder = import_target(target)
     try:
@@ -79,13 +99,13 @@ def _build_base(target: str, kwargs: dict[str, Any], device: str | torch.device)
 def _replay_remove_modules(model, r):
     from .remove import remove_modules
 
-    return remove_modules(model, r.args["patterns"], r.args["replacement"])[0]
+    return remove_modules(model, r.args["patterns"], r.args["replacement"], inplace=True)[0]
 
 
 def _replay_remove_conditioning(model, r):
     from .remove import remove_conditioning
 
-    return remove_conditioning(model, r.args["drop"])[0]
+    return remove_conditioning(model, r.args["drop"], inplace=True)[0]
 
 
 def _replay_fold_timestep(model, r):
@@ -94,7 +114,7 @@ def _replay_fold_timestep(model, r):
     text_time = r.args.get("text_time")
     if text_time:  # the folded values are in the saved biases: zeros give the same architecture
         text_time = {"time_ids": text_time["time_ids"], "text_embeds": None}
-    return fold_timestep(model, r.args["timestep"], text_time)[0]
+    return fold_timestep(model, r.args["timestep"], text_time, inplace=True)[0]
 
 
 def _replay_fold_cross_attention(model, r):
@@ -102,21 +122,22 @@ def _replay_fold_cross_attention(model, r):
 
     p = next(model.parameters())
     ehs = torch.zeros(1, r.args["tokens"], r.args["dim"], device=p.device, dtype=p.dtype)
-    return fold_cross_attention(model, ehs)[0]
+    return fold_cross_attention(model, ehs, inplace=True)[0]
 
 
 def _replay_widen_module(model, r):
     from .interface import widen_module
 
     a = r.args
-    return widen_module(model, a["name"], a["in_channels"], a["out_channels"], a["mode"])[0]
+    return widen_module(model, a["name"], a["in_channels"], a["out_channels"], a["mode"], inplace=True)[0]
 
 
 def _replay_slice_width(model, r):
     from .slice import slice_width
 
     a = r.args
-    return slice_width(model, a["ratio_keep"], a["gn_policy"], tuple(a["divisors"]), a["attention_scale"])[0]
+    return slice_width(model, a["ratio_keep"], a["gn_policy"], tuple(a["divisors"]), a["attention_scale"],
+                       inplace=True)[0]
 
 
 def _replay_prune_channels(model, r):
@@ -280,6 +301,40 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu")
     return model.eval()
 
 
+def save_pretrained(model: nn.Module, path: str | os.PathLike, records: Sequence[TransformRecord | dict] = (), *,
+                    base: nn.Module | TransformRecord | dict | None = None, verify: bool = True) -> Path:
+    """Save a compressed ``model`` in one call: its weights and its transformation records, in ``path``.
+
+    ``records``: what the transformations returned, in order. ``base``: where they started, the
+    dense original module (a diffusers model, recorded by its config) or a ``base`` record; leave
+    it out when ``records`` already starts with one. :func:`from_pretrained` loads the model back,
+    :func:`load_records` its records. Atomic; ``verify`` as in :func:`save_compressed`. A model
+    on ``meta`` (structure only) is saved without weights and loads back on ``meta``.
+    """
+    chain = list(records)
+    head = chain[0] if chain else None
+    starts = (head.op if isinstance(head, TransformRecord) else head.get("op") if isinstance(head, dict) else None) == "base"
+    if base is not None and starts:
+        raise AdcError("save_pretrained: records already start with a 'base' record; leave out base=")
+    if base is None and not starts:
+        raise AdcError("save_pretrained: say what the records started from: base=<the dense original model>")
+    if base is not None:
+        chain.insert(0, base if isinstance(base, (TransformRecord, dict)) else base_record_of(base))
+    return save_compressed(model, chain, path, verify=verify,
+                           weights=not any(t.is_meta for t in (*model.parameters(), *model.buffers())))
+
+
+def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The compressed model saved in ``path`` by :func:`save_pretrained`, in eval mode on ``device``."""
+    return load_compressed(path, device)
+
+
+def load_records(path: str | os.PathLike) -> list[TransformRecord]:
+    """The records kept with a saved model: its ``base`` record, then one per transformation."""
+    return [TransformRecord.from_dict(d, f"{Path(path) / RECORD}: chain[{i}]")
+            for i, d in enumerate(read_record(path)["chain"])]
+
+
 def _compare(a: dict[str, list[int]], b: dict[str, list[int]], name_a: str, name_b: str) -> None:
     missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if missing:
@@ -291,4 +346,5 @@ def _compare(a: dict[str, list[int]], b: dict[str, list[int]], name_a: str, name
             raise AdcError(f"{k!r}: {name_a} has shape {a[k]}, {name_b} has {b[k]}")
 
 
-__all__ = ["base_model", "base_record", "save_compressed", "load_compressed", "replay", "apply_shapes", "read_record", "REPLAY"]
+__all__ = ["base_model", "base_record", "base_record_of", "save_pretrained", "from_pretrained", "load_records",
+           "save_compressed", "load_compressed", "replay", "apply_shapes", "read_record", "REPLAY"]

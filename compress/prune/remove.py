@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import AdcError
 from ..zoo.unet import ConditionFreeUNet
 from ._common import (Constant, ModuleChange, ModuleSpec, TransformRecord, as_list, count_params, describe,
-                      match_names, outermost, qualname, swap_modules)
+                      match_names, outermost, qualname, swap_modules, working_copy)
 
 Replacement = Any  # None | "identity" | torch.Tensor | nn.Module | ModuleSpec
 
@@ -58,14 +58,15 @@ def _from_description(d: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     raise AdcError(f"replacement {d!r} cannot be rebuilt (a module instance was given; use a ModuleSpec)")
 
 
-def remove_modules(model: nn.Module, patterns: str | Sequence[str], replacement: Replacement = None
-                   ) -> tuple[nn.Module, TransformRecord]:
-    """Replace every module matching any of ``patterns`` (in place) and return ``(model, record)``.
+def remove_modules(model: nn.Module, patterns: str | Sequence[str], replacement: Replacement = None, *,
+                   inplace: bool = False) -> tuple[nn.Module, TransformRecord]:
+    """Replace every module matching any of ``patterns`` and return ``(new_model, record)``.
 
     ``replacement``: ``None`` (attribute set to ``None``: for optional diffusers members such as
     ``time_emb_proj``/``attn2`` whose forward skips them), ``"identity"``, a tensor (a
     :class:`Constant` returning it), a module (deep-copied per match; not replayable from the
     record) or a :class:`ModuleSpec` (replayable). Matches inside another match are skipped.
+    ``model`` is left unchanged (a copy is edited) unless ``inplace``.
     """
     pats = as_list(patterns)
     if not pats:
@@ -75,6 +76,7 @@ def remove_modules(model: nn.Module, patterns: str | Sequence[str], replacement:
     for p in pats:
         names += match_names(model, p, where=f"remove_modules pattern {p!r}")
     names = outermost(names)
+    model = working_copy(model, inplace)
     before = count_params(model)
     mapping: dict[nn.Module, nn.Module | None] = {}
     changes = []
@@ -137,17 +139,18 @@ def conditioning_targets(unet: nn.Module, drop: Sequence[str]) -> list[tuple[str
     return out
 
 
-def remove_conditioning(unet: nn.Module, drop: Sequence[str] = DROPPABLE,
-                        planned: Sequence[str] | None = None) -> tuple[nn.Module, TransformRecord]:
-    """Remove the timestep branch and/or cross-attention from a diffusers UNet (in place).
+def remove_conditioning(unet: nn.Module, drop: Sequence[str] = DROPPABLE, planned: Sequence[str] | None = None,
+                        *, inplace: bool = False) -> tuple[nn.Module, TransformRecord]:
+    """Remove the timestep branch and/or cross-attention from a diffusers UNet.
 
     ``"time"``: ``time_proj``, ``time_embedding`` (and class/added embeddings) and every
     ``time_emb_proj``; the result is a :class:`ConditionFreeUNet` (same parameter names) that runs
     the blocks with ``temb=None``. That equals the original only where the time branch is
     constant and negligible; :func:`compress.prune.fold.fold_timestep` keeps it exactly instead.
     ``"cross_attention"``: every ``attn2`` and its ``norm2``. With ``"time"`` kept the diffusers
-    model is returned (call it with ``encoder_hidden_states=None``). In place: the modules of
-    ``unet`` are reused, so use only the returned model afterwards. ``planned``: the module names
+    model is returned (call it with ``encoder_hidden_states=None``). ``unet`` itself still runs as
+    before: a copy is edited, unless ``inplace`` (then its modules are reused: use only the
+    returned model afterwards). ``planned``: the module names
     (relative to ``unet``) an analysis plan removes; they must be exactly the ones this call
     removes (an :class:`AdcError` names the first difference, before anything changes).
     """
@@ -160,6 +163,9 @@ def remove_conditioning(unet: nn.Module, drop: Sequence[str] = DROPPABLE,
             raise AdcError(f"remove_conditioning: {type(unet).__name__} is not a diffusers-style UNet (no {attr!r})")
     targets = conditioning_targets(unet, drop)
     check_planned("remove_conditioning", [n for n, _ in targets], planned)
+    if not inplace:
+        unet = working_copy(unet, False)
+        targets = conditioning_targets(unet, drop)
     before = count_params(unet)
     changes: list[ModuleChange] = []
     for name, module in targets:

@@ -22,7 +22,7 @@ from ..config import check_range
 from ..errors import AdcError
 from ..zoo.adcsr import GN_DIVISORS, first_divisor
 from ._common import (ModuleChange, TransformRecord, count_params, describe, rebuild_conv, rebuild_group_norm,
-                      rebuild_layer_norm, rebuild_linear, refuse_wrappers, swap_modules)
+                      rebuild_layer_norm, rebuild_linear, refuse_wrappers, swap_modules, working_copy)
 from ._sync import sync_blocks, sync_samplers
 from .attention import ScalePolicy, attention_state, sync_attention
 
@@ -70,15 +70,16 @@ def _groups(m: nn.GroupNorm, new_c: int, policy: str, divisors: tuple[int, ...],
 
 
 def slice_width(module: nn.Module, ratio_keep: float = 0.75, gn_policy: GnPolicy = "first_divisor",
-                divisors: tuple[int, ...] = GN_DIVISORS, attention_scale: ScalePolicy = "sdpa"
-                ) -> tuple[nn.Module, TransformRecord]:
-    """Leading-slice every Conv/Linear/GroupNorm/LayerNorm of ``module`` to ``int(ratio_keep*C)`` (in place).
+                divisors: tuple[int, ...] = GN_DIVISORS, attention_scale: ScalePolicy = "sdpa", *,
+                inplace: bool = False) -> tuple[nn.Module, TransformRecord]:
+    """Leading-slice every Conv/Linear/GroupNorm/LayerNorm of ``module`` to ``int(ratio_keep*C)``.
 
     ``gn_policy``: ``first_divisor`` (AdcSR: first of ``divisors`` dividing the new width),
     ``keep_groups`` or ``keep_group_size`` (error where the new width does not allow it).
     ``attention_scale``: ``sdpa`` (AdcSR; ``attn.scale`` set to 1/sqrt(new head size)) or
     ``keep`` (see :mod:`compress.prune.attention`). Interfaces are sliced too: widen them first
-    with :func:`compress.prune.interface.widen_module` and :func:`presliced_width`.
+    with :func:`compress.prune.interface.widen_module` and :func:`presliced_width`. ``module`` is
+    left unchanged (a copy is edited) unless ``inplace``.
     """
     cfg = SliceConfig(float(ratio_keep), gn_policy, tuple(divisors), attention_scale)
     cfg.validate("slice_width")
@@ -90,6 +91,7 @@ def slice_width(module: nn.Module, ratio_keep: float = 0.75, gn_policy: GnPolicy
     before_params = count_params(module)
     attn_before = attention_state(module)
     _check_geglu(module, keep)
+    module = working_copy(module, inplace)
 
     mapping: dict[nn.Module, nn.Module] = {}
     changes: list[ModuleChange] = []

@@ -284,7 +284,8 @@ def build_setup(models: DecoderModels, config: PretrainDecoderConfig, dataset: D
             ctx.optimize("discriminator", {"d_loss": d})
 
     return TrainSetup(name="pretrain_decoder", trainable=trainable, optimizers=optimizers, losses=losses,
-                      step_fn=step_fn, dataset=dataset, frozen=frozen)
+                      step_fn=step_fn, dataset=dataset, frozen=frozen,
+                      markers={"discriminator starts": [config.disc_start]} if use_adv else {})
 
 
 def run_stage(models: DecoderModels, config: PretrainDecoderConfig, run_dir: str | Path,

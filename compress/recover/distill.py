@@ -291,8 +291,11 @@ def build_setup(bundle: DistillBundle, config: DistillConfig, dataset: Dataset) 
                     d_terms = {"d_real": F.softplus(-l_real).mean(), "d_fake": F.softplus(l_fake).mean()}
             ctx.optimize("discriminator", d_terms)
 
+    markers = {f"lr x{config.lr_gamma:g}": list(config.lr_milestones)}
+    if use_adv:
+        markers = {"discriminator starts": [config.adv_start], **markers}
     return TrainSetup(name="distill", trainable=trainable, optimizers=optimizers, losses=losses, step_fn=step_fn,
-                      dataset=dataset, schedulers=schedulers, frozen=frozen)
+                      dataset=dataset, schedulers=schedulers, frozen=frozen, markers=markers)
 
 
 def _adam(kind: str):

@@ -220,6 +220,8 @@ class TrainSetup:
     frozen parameters inside them are allowed. ``frozen``: modules only moved to the device.
     ``losses``: the loss-term names each optimiser logs, e.g. ``{"G": ["l1", "adv"], "D": ["d"]}``
     (fixes the CSV columns and the plot). ``step_fn(ctx, batch)`` runs one micro-batch.
+    ``markers``: steps where the training changes on purpose, drawn on the loss curve so a jump
+    there is read as the schedule, not a fault (e.g. ``{"discriminator starts": [100], "lr x0.5": [200]}``).
     """
 
     name: str
@@ -231,6 +233,7 @@ class TrainSetup:
     schedulers: dict[str, Any] = field(default_factory=dict)
     frozen: dict[str, nn.Module] = field(default_factory=dict)
     shuffle: bool = True
+    markers: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if set(self.losses) - set(self.optimizers):
@@ -466,42 +469,77 @@ class MetricsLog:
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def plot_losses(csv_path: Path, png_path: Path, groups: dict[str, list[str]], title: str) -> Path | None:
-    """The loss curves: one panel per optimiser, each term raw (faint) and smoothed (EMA over the
-    logged rows); a term is drawn only where it was computed (an adversarial term before its
-    discriminator starts is missing, not 0); log scale when every value is positive."""
+def curve_markers(markers: Mapping[str, Any] | None, last: float) -> list[tuple[int, str]]:
+    """``(step, label)`` of the markers in ``(1, last]``, sorted by step.
+
+    Step 1 is the start (a discriminator on from the first step marks nothing) and a step after
+    ``last`` is one a short run never reached: both are left out.
+    """
+    out = []
+    for label, steps in (markers or {}).items():
+        for step in ([steps] if isinstance(steps, (int, float)) else steps or []):
+            if 1 < step <= last:
+                out.append((int(step), label))
+    return sorted(out)
+
+
+def loss_figure(df, groups: dict[str, list[str]], title: str, markers: Mapping[str, Any] | None = None):
+    """The loss-curve figure (see :func:`plot_losses`); returned so tests can read its lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    rows = [(g, [t for t in ts if t in df and df[t].notna().any()]) for g, ts in groups.items()]
+    rows = [(g, ts) for g, ts in rows if ts] or [(next(iter(groups)), [])]
+    cols = max(1, max(len(ts) for _, ts in rows))
+    from matplotlib.ticker import MaxNLocator
+
+    # one x axis for every panel: a term that starts late (an adversarial one) lines up with the rest
+    fig, axes = plt.subplots(len(rows), cols, figsize=(4.4 * cols, 3.1 * len(rows)), squeeze=False, sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    marks = curve_markers(markers, float(df["step"].max()) if len(df) else 0.0)
+    for r, (group, terms) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= len(terms):
+                ax.axis("off")
+                continue
+            t = terms[c]
+            s = df[["step", t]].dropna()
+            color = colors[(r * cols + c) % len(colors)]
+            span = max(2, len(s) // 20)
+            dots = {"marker": "o", "ms": 3} if len(s) <= 30 else {}  # a few rows (or one) stay visible
+            ax.plot(s["step"], s[t], lw=0.8, alpha=0.35, color=color, label="raw (mean per logged row)", **dots)
+            ax.plot(s["step"], s[t].ewm(span=span).mean(), lw=1.8, color=color, label=f"EMA over {span} rows")
+            for j, (step, label) in enumerate(marks):
+                ax.axvline(step, color="0.3", ls=("--", ":", "-.")[j % 3], lw=1.0, label=f"{label} (step {step})")
+            ax.set_title(f"{group}: {t}", fontsize=10)
+            ax.set_xlabel("optimiser step", fontsize=8)
+            ax.tick_params(labelbottom=True)  # sharex hides them on upper rows; each panel reads alone
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+            ax.tick_params(labelsize=8)
+            ax.legend(fontsize=7, loc="best")
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: training losses (linear axes, one panel per term)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_losses(csv_path: Path, png_path: Path, groups: dict[str, list[str]], title: str,
+                markers: Mapping[str, Any] | None = None) -> Path | None:
+    """The loss curves: one panel per optimiser, each term raw (faint) and smoothed (EMA over the
+    logged rows), both in the legend; linear axes, so equal heights are equal losses. A term is
+    drawn only where it was computed (an adversarial term before its discriminator starts is
+    missing, not 0). ``markers`` ({label: steps}): vertical lines where the schedule changes."""
     import pandas as pd
 
     df = pd.read_csv(csv_path)
     if df.empty:
         return None
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.8), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (group, terms) in zip(axes[0], groups.items()):
-        drawn = []
-        for i, t in enumerate(terms):
-            s = df[["step", t]].dropna() if t in df else None
-            if s is None or s.empty:
-                continue
-            c = colors[i % len(colors)]
-            ax.plot(s["step"], s[t], lw=0.8, alpha=0.3, color=c)
-            span = max(2, len(s) // 20)
-            ax.plot(s["step"], s[t].ewm(span=span).mean(), lw=1.6, color=c, label=f"{t} (EMA, span {span})")
-            drawn.append(s[t].to_numpy(dtype=float))
-        if drawn and min(np.nanmin(v) for v in drawn) > 0:
-            ax.set_yscale("log")
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("loss (mean over the logged steps)")
-        ax.set_title(f"{group}")
-        if drawn:
-            ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{title}: training losses")
-    fig.tight_layout()
+    fig = loss_figure(df, groups, title, markers)
+    import matplotlib.pyplot as plt  # after loss_figure chose the Agg backend
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
@@ -812,7 +850,7 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
     }
     if main:
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
-        plot_losses(run_dir / METRICS_FILE, run_dir / CURVE_FILE, setup.losses, setup.name)
+        plot_losses(run_dir / METRICS_FILE, run_dir / CURVE_FILE, setup.losses, setup.name, setup.markers)
         log(f"[{setup.name}] {done} steps in {elapsed:.1f} s = {summary['steps_per_s']} steps/s on {acc.device} "
             f"({acc.mixed_precision}, {procs} process(es)); peak memory {mem:.0f} MiB ({mem_kind})")
     unwrapped = {n: acc.unwrap_model(m, keep_fp32_wrapper=False) for n, m in models.items()}
@@ -823,6 +861,6 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
 
 __all__ = ["checkpoint_trainable_only", "EngineConfig", "TrainSetup", "TrainResult", "StepContext", "NonFiniteLossError", "train",
            "item_seed", "upcast", "StreamSampler", "KeyedDataset", "frozen_parameters", "enable_gradient_checkpointing",
-           "list_checkpoints", "latest_checkpoint", "read_trainer_state", "plot_losses",
+           "list_checkpoints", "latest_checkpoint", "read_trainer_state", "plot_losses", "loss_figure", "curve_markers",
            "make_accelerator", "process_state", "resolve_mixed_precision", "CHECKPOINT_DIR", "METRICS_FILE", "CURVE_FILE",
            "SUMMARY_FILE", "STATE_FILE"]

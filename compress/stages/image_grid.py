@@ -37,12 +37,26 @@ def detail_window(hr: np.ndarray, size: int) -> tuple[int, int]:
     return corner
 
 
+def crop_psnr_y(sr: np.ndarray, hr: np.ndarray) -> float:
+    """PSNR-Y (dB) of two HxWx3 uint8 crops, the same measure as the report's tables (pyiqa-exact Y)."""
+    import torch
+
+    from ..metrics import psnr_y
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].double() / 255
+
+    return float(psnr_y(t(sr), t(hr))[0])
+
+
 def write_image_grid(columns: dict[str, Path], lr_dir: Path, hr_dir: Path, names: list[str], scale: int,
                      out: Path, crop: int = 128, rows: int = 3) -> Path | None:
     """One row per image (first ``rows`` of ``names``): LR (nearest x``scale``), each method folder, HR.
 
     ``columns`` maps a method name to its folder of SR PNGs; every folder, ``lr_dir`` and ``hr_dir``
-    hold ``<name>.png`` (as the evaluate stage writes them). Returns None when there is nothing to show.
+    hold ``<name>.png`` (as the evaluate stage writes them). Each method's tile carries its crop's
+    PSNR-Y against HR, so what the eye sees can be checked against a number on the same pixels.
+    Returns None when there is nothing to show.
     """
     names = [n for n in names if (lr_dir / f"{n}.png").exists() and (hr_dir / f"{n}.png").exists()][:rows]
     if not names:
@@ -64,7 +78,12 @@ def write_image_grid(columns: dict[str, Path], lr_dir: Path, hr_dir: Path, names
         tiles = [lr] + [_read(folder / f"{name}.png") for folder in columns.values()] + [hr]
         for col, (title, img) in enumerate(zip(titles, tiles)):
             ax = axes[r][col]
-            ax.imshow(img[y:y + c, x:x + c], interpolation="nearest")
+            tile = img[y:y + c, x:x + c]
+            ax.imshow(tile, interpolation="nearest")
+            if title in columns:
+                ax.text(0.03, 0.04, f"{crop_psnr_y(tile, hr[y:y + c, x:x + c]):.2f} dB", transform=ax.transAxes,
+                        fontsize=8, va="bottom", ha="left",
+                        bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.8, "lw": 0})
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
@@ -74,7 +93,8 @@ def write_image_grid(columns: dict[str, Path], lr_dir: Path, hr_dir: Path, names
                 ax.set_title(title, fontsize=10, color=METHOD_COLORS.get(title, "#333333"))
             if col == 0:
                 ax.set_ylabel(name, fontsize=7)
-    fig.suptitle(f"{c} px crops of the SR output (x{scale}); LR shown nearest-upsampled", fontsize=9)
+    fig.suptitle(f"{c} px crops of the SR output (x{scale}); LR shown nearest-upsampled; "
+                 "on each method: PSNR-Y of that crop vs HR", fontsize=9)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -5,7 +5,9 @@ decoder by the trained one (the student's mid-block and up path start from it, a
 its ``Net`` from ``halfDecoder.ckpt``); stage 2 trains the student's UNet and mid-block against
 the family's teacher. The family supplies the ground-truth VAE (stage 1 latents, stage 2's real
 path) and its side of distillation (:meth:`compress.families.ModelFamily.distill_parts`). Each
-stage measures what it bought on the eval pairs (at most ``data.eval_limit``, default 4).
+stage checks what it bought, before -> after, on the first eval pairs (``data.eval_limit``,
+default 4: the check runs them as one batch, at full size) with float outputs; the run's quality
+numbers are the evaluate stage's, on all its pairs, and the report says which is which.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ def run_pretrain_decoder(bundle, config: PretrainDecoderConfig, stage_dir: Path)
     after = _reconstruction_psnr(vae.cpu(), decoder, held_out) if held_out is not None else None
     bundle.set_student(state.recompose(decoder=decoder))
     if before is not None:
-        artifacts["measured"] = {"reconstruction PSNR-Y on the eval HR images (dB), before -> after":
-                                 f"{before:.2f} -> {after:.2f} ({len(held_out)} HR images, full size)"}
+        artifacts["measured"] = {"decoder's reconstruction of HR through the VAE, PSNR-Y (dB)": f"{before:.2f} -> {after:.2f}"}
+        artifacts["measured_images"] = len(held_out)
     return _relative(bundle, artifacts)
 
 
@@ -196,13 +198,13 @@ def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any
         n = len(lr_held)
         drop = 100 * (1 - after["feature_l1"] / before["feature_l1"])
         artifacts["measured"] = {
-            "student-teacher feature L1 on the eval LR images, before -> after":
-                f"{before['feature_l1']:.4f} -> {after['feature_l1']:.4f} ({drop:.1f} % lower; {n} LR images, full size)",
-            "PSNR-Y of student vs teacher SR on the eval LR images (dB), before -> after":
+            "student-teacher feature L1 (decoder mid-block)":
+                f"{before['feature_l1']:.4f} -> {after['feature_l1']:.4f} ({drop:.1f} % lower)",
+            "student SR vs teacher SR, PSNR-Y (dB)":
                 f"{before['psnr_student_vs_teacher']:.2f} -> {after['psnr_student_vs_teacher']:.2f}",
-            "PSNR-Y of student SR vs HR on the eval pairs (dB), before -> after":
-                f"{before['psnr_student_vs_hr']:.2f} -> {after['psnr_student_vs_hr']:.2f}",
+            "student SR vs HR, PSNR-Y (dB)": f"{before['psnr_student_vs_hr']:.2f} -> {after['psnr_student_vs_hr']:.2f}",
         }
+        artifacts["measured_images"] = n
         artifacts["measured_values"] = {"before": before, "after": after, "images": n}
     return _relative(bundle, artifacts)
 

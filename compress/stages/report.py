@@ -1,25 +1,51 @@
-"""``report``: one ``report.md`` (+ ``report.csv``, ``report.png``, ``report_images.png``) in the run directory.
+"""``report``: ``report.md`` and ``report.html`` (+ ``report.csv``, ``report.png``, ``report_images.png``) in the run directory.
 
-It only reads what earlier stages recorded in their ``DONE.json`` artifacts: what the analysis
-classified, what remove/prune changed, params/MACs/latency of teacher vs student, quality on
-held-out pairs (with LR/bicubic/teacher/student/HR crops side by side), the training curves, and which stages were skipped for want of weights.
+It only reads what earlier stages recorded in their ``DONE.json`` artifacts. Built to stand
+alone: a summary first with one number per claim (quality from the evaluate stage, on all its
+pairs; ratios from the profile stage) and the recipe's goals with a verdict; then what the
+analysis classified, what remove/prune changed (every params column counts the whole student),
+complexity, quality per method (with crops and per-image scores), training (loss curves and
+the recovery stages' own before -> after checks, labelled as such), and the environment the
+stages ran in, saying so when it changed between them. ``report.html`` is the same text with
+the images inline, to be shared as one file.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import shlex
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import AdcError
 from ..io import atomic_path, atomic_write_text
+
+# name -> (what is measured, comparison, unit); the prefix says which way the goal points
+GOALS: dict[str, tuple[str, str, str]] = {
+    "min_psnr_y_gap_to_teacher_db": ("student PSNR-Y minus teacher PSNR-Y (both against HR)", ">=", "dB"),
+    "min_student_vs_teacher_psnr_y_db": ("student SR against teacher SR, PSNR-Y", ">=", "dB"),
+    "min_student_psnr_y_db": ("student SR against HR, PSNR-Y", ">=", "dB"),
+    "max_macs_ratio": ("student MACs / teacher MACs", "<=", "x"),
+    "max_params_ratio": ("student params / teacher params", "<=", "x"),
+    "min_speedup": ("teacher latency / student latency", ">=", "x"),
+}
 
 
 @dataclass
 class ReportConfig:
     title: str | None = None
+    # what the run should reach, e.g. {max_macs_ratio: 0.3}; each is printed with its measured value
+    # and "reached" / "not reached" (names: GOALS)
+    goals: dict[str, float] = field(default_factory=dict)
+
+    def validate(self, path: str) -> None:
+        for name in self.goals:
+            if name not in GOALS:
+                close = difflib.get_close_matches(str(name), list(GOALS), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (expected one of: {', '.join(GOALS)})"
+                raise AdcError(f"{path}.goals.{name}: unknown goal{hint}")
 
 
 def run_report_needs(bundle, config: ReportConfig) -> list[str]:
@@ -63,6 +89,144 @@ def _rel(path: str | None, root: Path) -> str | None:
         return path
 
 
+def _summary(art: dict, root: Path, config: ReportConfig) -> list[str]:
+    """The headline: one number per claim, where it comes from, and the goals' verdicts."""
+    lines: list[str] = []
+    e, p = art.get("evaluate"), art.get("profile")
+    if e or p:
+        lines += ["## Summary", ""]
+    if e:
+        means = e["means"]
+        per_image = f" (per image: [per_image.csv]({_rel(e['per_image'], root)}))" if e.get("per_image") else ""
+        n = e["n_images"]
+        lines += [f"Quality: the evaluate stage's scores, on its {n} eval pair{'s' if n != 1 else ''}{per_image}.", ""]
+        student = means.get("student", {}).get("psnr")
+        if student is not None:
+            others = ", ".join(f"{m} {means[m]['psnr']:.2f} dB" for m in ("teacher", "bicubic")
+                               if "psnr" in means.get(m, {}))
+            lines.append(f"- Student SR vs HR: PSNR-Y **{student:.2f} dB**" + (f" ({others})." if others else "."))
+        fidelity = (e.get("student_vs_teacher") or {}).get("psnr_student_vs_teacher")
+        if fidelity is not None:
+            lines.append(f"- Student SR against teacher SR (not HR): PSNR-Y **{fidelity:.2f} dB**, how much of the "
+                         "teacher the student keeps.")
+    if p:
+        r = p["ratios"]
+        rows = {row["model"]: row for row in p["rows"]}
+        t, s = rows.get("teacher", {}), rows.get("student", {})
+        speed = f", {p['latency']['speedup']:.2f}x faster on `{p['latency_device']}`" if p.get("latency") else ""
+        lines.append(f"- Student / teacher: params {r['params']:.3f}x ({_m(s.get('params'))} of {_m(t.get('params'))}), "
+                     f"MACs {r['macs_total']:.3f}x ({_g(s.get('macs_total'))} of {_g(t.get('macs_total'))}){speed}.")
+    if lines:
+        lines.append("")
+    if config.goals:
+        lines += ([] if lines else ["## Summary", ""]) + ["### Goals", "", "What the recipe set out to reach (`report.goals`), against what this run measured:", ""]
+        rows = []
+        for name, target in config.goals.items():
+            what, op, unit = GOALS[name]
+            value = _goal_value(name, art)
+            verdict = ("not measured" if value is None else
+                       "**reached**" if (value >= target if op == ">=" else value <= target) else "not reached")
+            fmt = (lambda v: f"{v:.2f} dB") if unit == "dB" else (lambda v: f"{v:.3f}x")
+            rows.append([what, f"{op} {fmt(target)}", "–" if value is None else fmt(value), verdict])
+        lines += _table(["goal", "target", "measured", "verdict"], rows)
+    return lines
+
+
+def _goal_value(name: str, art: dict) -> float | None:
+    means = art.get("evaluate", {}).get("means", {})
+    psnr = {m: v.get("psnr") for m, v in means.items()}
+    profile = art.get("profile", {})
+    if name == "min_psnr_y_gap_to_teacher_db":
+        return None if psnr.get("student") is None or psnr.get("teacher") is None else psnr["student"] - psnr["teacher"]
+    if name == "min_student_vs_teacher_psnr_y_db":
+        return (art.get("evaluate", {}).get("student_vs_teacher") or {}).get("psnr_student_vs_teacher")
+    if name == "min_student_psnr_y_db":
+        return psnr.get("student")
+    if name in ("max_macs_ratio", "max_params_ratio"):
+        return profile.get("ratios", {}).get("macs_total" if name == "max_macs_ratio" else "params")
+    if name == "min_speedup":
+        return (profile.get("latency") or {}).get("speedup")
+    return None
+
+
+def _structure(art: dict) -> list[str]:
+    """remove and prune: each transformation with the module it changed; params of the whole student."""
+    lines: list[str] = []
+    whole = ("Params count the whole student (UNet + decoder mid-block + up path), here and in every section: "
+             "prune starts where remove ends, and ends at the complexity table's student.")
+    for stage in ("remove", "prune"):
+        if stage not in art:
+            continue
+        a = art[stage]
+        lines += [f"## {stage.capitalize()}", ""]
+        if stage == "remove":
+            lines += [f"Student initialised from {a['source']}.", ""]
+        else:
+            lines += [f"UNet widths {a['unet_widths']}, decoder widths {a['decoder_widths']}.", ""]
+        records = a.get("records")
+        if records and "student_params_before" in records[0]:
+            lines += [whole, ""]
+            whole = "Params: the whole student, as above."
+            lines += _table(["transformation (module: what)", "whole-student params before", "after"],
+                            [[f"{r['op']} ({r['part']}{'.' + r['module'] if r['module'] else ''}: {r['what']})",
+                              _m(r["student_params_before"]), _m(r["student_params_after"])] for r in records])
+        elif records:  # a run made before records named their modules: the part's own params
+            lines += _table(["op", "params of the transformed part before", "after"],
+                            [[r["op"], _m(r["params_before"]), _m(r["params_after"])] for r in records])
+        if stage == "prune" or not records:
+            before = a.get("params_before") if stage == "prune" else None
+            after = a.get("params_after") if stage == "prune" else a.get("params")
+            lines += [f"Student params: {_m(before) + ' -> ' if before is not None else ''}{_m(after)}.", ""]
+    return lines
+
+
+def _training(art: dict, root: Path) -> list[str]:
+    trained = [s for s in ("train_teacher", "pretrain_decoder", "distill") if s in art]
+    if not trained:
+        return []
+    lines = ["## Training", ""]
+    rows = []
+    for s in trained:
+        a = art[s]
+        rows.append([s, a.get("steps"), f"{a['steps_per_s']:.2f}" if a.get("steps_per_s") else "–",
+                     f"![{s}]({_rel(a.get('loss_curve'), root)})" if a.get("loss_curve") else "–"])
+    lines += _table(["stage", "steps", "steps/s", "loss curve"], rows)
+    checks = [s for s in trained if art[s].get("measured")]
+    if checks:
+        counts = sorted({str(art[s].get("measured_images", "?")) for s in checks})
+        total = art.get("evaluate", {}).get("n_images")
+        lines += [f"What each recovery stage bought: its own check right before and after training, on the first "
+                  f"{' / '.join(counts)} eval pairs (one batch, float outputs before PNG rounding). A before -> after "
+                  "comparison, not the headline: the Summary's numbers are the evaluate stage's"
+                  + (f", on its {total} pair{'s' if total != 1 else ''}." if total else "."), ""]
+        lines += _table(["stage", "check", "before -> after"],
+                        [[s, k, v] for s in checks for k, v in art[s]["measured"].items()])
+    return lines
+
+
+def _environment(bundle, stage_dir: Path) -> list[str]:
+    """The environment this report ran in, and every change from what the earlier stages recorded."""
+    from ..environment import collect, differences, recorded_environments
+
+    current = collect(bundle.device)
+    recorded = recorded_environments(bundle.run_dir, exclude=stage_dir.name)
+    lines = ["## Environment", ""]
+    changed = differences(recorded, current)
+    if changed:
+        lines += ["**The environment differs from what earlier stages of this run recorded** (a `--resume` or a "
+                  "later stage ran elsewhere or after an upgrade; numbers may differ from a run made in one go):", ""]
+        lines += [f"- {c}" for c in changed] + [""]
+    elif recorded:
+        lines += [f"All {len(recorded)} earlier stages recorded this same environment (versions, device, threads; "
+                  "each stage's `DONE.json` holds its own).", ""]
+    commit = current.get("git_commit")
+    if commit and current.get("git_uncommitted_changes"):
+        current = {**current, "git_commit": f"{commit} (with uncommitted changes)"}
+    current.pop("git_uncommitted_changes", None)
+    lines += _table(["", "this report"], [[k, "–" if v is None else f"`{v}`"] for k, v in current.items()])
+    return lines
+
+
 def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
     recipe, art, root = bundle.recipe, bundle.artifacts, bundle.run_dir
     task = recipe.task
@@ -70,12 +234,14 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
     command = " ".join(["python -m compress.run", shlex.quote(_rel(str(recipe.source), Path.cwd()) if recipe.source else recipe.name)]
                        + [f"--set {shlex.quote(o)}" for o in recipe.overrides])
     lines += [f"Made by `{command}`; models: family {recipe.models.family}, {recipe.models.size} size; "
-              f"task: x{task.scale}, t = {task.timestep}, prompt {task.prompt}. Python {sys.version.split()[0]}.", ""]
+              f"task: x{task.scale}, t = {task.timestep}, prompt {task.prompt}. Versions and device: "
+              "[Environment](#environment).", ""]
     csv_rows: list[dict[str, Any]] = []
 
     if bundle.skipped:
         lines += ["## Stopped early", "", "These stages were skipped because the recipe does not give what they need:", ""]
         lines += [f"- **{name}**: {'; '.join(needs)}" for name, needs in bundle.skipped.items()] + [""]
+    lines += _summary(art, root, config)
     if bundle.notes:
         lines += ["## Notes", "", "What was skipped, replaced or simplified in this run, and why:", ""]
         lines += [f"- {n}" for n in bundle.notes] + [""]
@@ -86,7 +252,7 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
                   f"Every module classified from the dataflow ({a['device']}, LR {a['lr_size']} px, {a['counter']}); "
                   f"details in `{_rel(a['report'], root)}`.", ""]
         rows = [[cls, _m(v["params"]), _g(v["macs"])] for cls, v in a["summary"].items() if v["params"] or v["macs"]]
-        lines += _table(["class", "params", "MACs"], rows)
+        lines += _table(["class", "teacher params", "MACs"], rows)
         teacher = next((r for r in art.get("profile", {}).get("rows", []) if r["model"] == "teacher"), None)
         total = a["summary"].get("total", {}).get("macs")
         if teacher is not None and total is not None and total != teacher["macs_total"]:
@@ -94,16 +260,7 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
                       f"({_g(teacher.get('macs_lora_unmerged', 0))} of them); the complexity table below counts it as "
                       f"deployed, adapters merged into the weights ({_g(teacher['macs_total'])}).", ""]
 
-    for stage in ("remove", "prune"):
-        if stage in art:
-            a = art[stage]
-            if stage == "remove":
-                lines += ["## Remove", "", f"Student initialised from {a['source']}. Transformations:", ""]
-                lines += _table(["op", "params before", "params after"],
-                                [[r["op"], _m(r["params_before"]), _m(r["params_after"])] for r in a["records"]])
-            else:
-                lines += ["## Prune", "", f"Params {_m(a['params_before'])} -> {_m(a['params_after'])}; UNet widths "
-                          f"{a['unet_widths']}, decoder widths {a['decoder_widths']}.", ""]
+    lines += _structure(art)
 
     if "profile" in art:
         p = art["profile"]
@@ -112,7 +269,8 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
                   f"{p['latency']['teacher']['device_name']})." if p["latency"] else
                   "Latency: not measured (full size on a CPU; see reports/complexity.md and profiling/gpu_bench.sh).")
         lines += ["## Complexity: teacher vs student", "",
-                  f"Params and MACs: {p['counter']}, fp32, LR {p['lr_size']} -> SR {p['sr_size']}, batch 1. {timing}", ""]
+                  f"Params and MACs: {p['counter']}, fp32, LR {p['lr_size']} -> SR {p['sr_size']}, batch 1; params of the "
+                  f"whole teacher and the whole student. {timing}", ""]
         rows = []
         for r in p["rows"]:
             rows.append([r["model"], _m(r["params"]), _g(r["macs_conv_linear"]), _g(r["macs_attention"]),
@@ -126,24 +284,19 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
                                  "value": r["latency_ms"], "device": lat_dev, "dtype": p["dtype"],
                                  "resolution": f"{p['lr_size']}->{p['sr_size']}", "counter": "wall clock, median"})
         lines += _table(["model", "params", "MACs conv+linear", "MACs attention", "MACs total", "latency"], rows)
-        ratios = p["ratios"]
-        lines += [f"Student / teacher: params {ratios['params']:.3f} ({(1 - ratios['params']) * 100:.1f} % fewer), "
-                  f"MACs {ratios['macs_total']:.3f} ({(1 - ratios['macs_total']) * 100:.1f} % fewer)"
-                  + (f", {p['latency']['speedup']:.2f}x faster" if p["latency"] else "") + ".", ""]
 
     if "evaluate" in art:
         e = art["evaluate"]
+        per_image = f"; per-image scores: [per_image.csv]({_rel(e['per_image'], root)})" if e.get("per_image") else ""
         lines += ["## Quality on held-out pairs" if _held_out(recipe.data) else
                   "## Quality on the eval pairs (NOT held out: they are also training images)", "",
                   f"{e['n_images']} LR/HR pairs from `{display_path(recipe.data.eval_lr)}`; PSNR/SSIM on Y (pyiqa-exact, no border "
-                  f"crop); {e['device']}, {e['dtype']}, LR {e['lr_size'][0]}x{e['lr_size'][1]} -> x{task.scale}.", ""]
+                  f"crop); {e['device']}, {e['dtype']}, LR {e['lr_size'][0]}x{e['lr_size'][1]} -> x{task.scale}{per_image}.", ""]
         metrics = sorted({m for v in e["means"].values() for m in v})
-        lines += _table(["method"] + metrics,
+        lines += _table(["method (mean over the pairs)"] + metrics,
                         [[method] + [f"{vals.get(m, float('nan')):.4f}" for m in metrics] for method, vals in e["means"].items()])
         fidelity = (e.get("student_vs_teacher") or {}).get("psnr_student_vs_teacher")
         if fidelity is not None:
-            lines += [f"Student SR against teacher SR (not HR): PSNR-Y {fidelity:.2f} dB, how much of the teacher "
-                      "the student keeps.", ""]
             csv_rows.append({"section": "quality", "item": "student_vs_teacher", "metric": "psnr", "value": fidelity,
                              "device": e["device"], "dtype": e["dtype"],
                              "resolution": f"{e['lr_size'][0]}->x{task.scale}", "counter": "pyiqa-exact Y"})
@@ -161,29 +314,22 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
                                  "dtype": e["dtype"], "resolution": f"{e['lr_size'][0]}->x{task.scale}",
                                  "counter": "pyiqa-exact Y"})
 
-    trained = [s for s in ("train_teacher", "pretrain_decoder", "distill") if s in art]
-    if trained:
-        lines += ["## Training", ""]
-        rows = []
-        for s in trained:
-            a = art[s]
-            rows.append([s, a.get("steps"), f"{a['steps_per_s']:.2f}" if a.get("steps_per_s") else "–",
-                         f"![{s}]({_rel(a.get('loss_curve'), root)})" if a.get("loss_curve") else "–"])
-        lines += _table(["stage", "steps", "steps/s", "loss curve"], rows)
-        for s in trained:
-            for k, v in (art[s].get("measured") or {}).items():
-                lines.append(f"- {s}: {k} = {v}")
-        lines.append("")
-
+    lines += _training(art, root)
     png = _plot(art, root / "report.png", f"{recipe.name}: teacher vs student")
     if png:
         lines += ["![summary](report.png)", ""]
-    md = atomic_write_text(root / "report.md", "\n".join(lines))
+    lines += _environment(bundle, stage_dir)
+    text = "\n".join(lines)
+    md = atomic_write_text(root / "report.md", text)
+    from .report_html import write_html
+
+    html = write_html(text, root / "report.html", root, title=config.title or f"adc run: {recipe.name}")
     import pandas as pd
 
     with atomic_path(root / "report.csv") as tmp:
         pd.DataFrame(csv_rows).to_csv(tmp, index=False)
-    return {"report": str(md), "csv": str(root / "report.csv"), "png": str(png) if png else None}
+    return {"report": bundle.rel(md), "html": bundle.rel(html), "csv": bundle.rel(root / "report.csv"),
+            "png": bundle.rel(png) if png else None}
 
 
 def _held_out(data) -> bool:

@@ -69,6 +69,32 @@ def _unshuffle(bundle, config: RemoveConfig) -> int:
     return 2
 
 
+def _what(rec) -> str:
+    """What a record changed, for the report (``16 -> 12 input channels``; the module is named beside it)."""
+    if rec.op == "widen_module" and rec.changes:
+        b, a = rec.changes[0].before, rec.changes[0].after
+        sides = [f"{b[k]} -> {a[k]} {k.split('_')[0]}put channels" for k in ("in_channels", "out_channels")
+                 if k in b and b.get(k) != a.get(k)]
+        return ", ".join(sides) or "unchanged"
+    if rec.op == "remove_conditioning":
+        return f"drops {', '.join(rec.args.get('drop', []))} ({len(rec.changes)} modules)"
+    if rec.op == "slice_width":
+        return f"leading {rec.args.get('ratio_keep')} of every width"
+    if rec.op == "prune_channels":
+        ratio = ((rec.args.get("config") or {}).get("pruning_ratio"))
+        return f"channel groups, ratio {ratio}" if ratio is not None else "channel groups"
+    return ", ".join(f"{k}={v}" for k, v in rec.args.items() if isinstance(v, (int, float, str)))[:80]
+
+
+def _record_rows(records: list, part: str, offset: int) -> list[dict[str, Any]]:
+    """One row per transformation of ``part``: its own params and the whole student's (``offset``: what the
+    student holds outside this part), so every section of the report counts the same thing."""
+    return [{"op": rec.op, "module": rec.args["name"] if rec.op == "widen_module" else "", "part": part,
+             "what": _what(rec), "params_before": rec.params_before, "params_after": rec.params_after,
+             "student_params_before": rec.params_before + offset, "student_params_after": rec.params_after + offset}
+            for rec in records]
+
+
 def run_remove(bundle, config: RemoveConfig, stage_dir: Path) -> dict[str, Any]:
     from ..prune import fold_timestep, remove_conditioning, widen_module
     from ..student import StudentState, compose_student
@@ -87,18 +113,18 @@ def run_remove(bundle, config: RemoveConfig, stage_dir: Path) -> dict[str, Any]:
     removed = part.names("remove") if part else None
     folded = part.names("fold") if part else None
     if config.time == "fold":
-        unet, r = remove_conditioning(unet, drop=("cross_attention",), planned=removed)
+        unet, r = remove_conditioning(unet, drop=("cross_attention",), planned=removed, inplace=True)
         chain.append(r)
-        unet, r = fold_timestep(unet, task.timestep, planned=folded)
+        unet, r = fold_timestep(unet, task.timestep, planned=folded, inplace=True)
     else:
         planned = None if part is None else removed + folded
-        unet, r = remove_conditioning(unet, drop=("time", "cross_attention"), planned=planned)
+        unet, r = remove_conditioning(unet, drop=("time", "cross_attention"), planned=planned, inplace=True)
     chain.append(r)
     r_unshuffle = _unshuffle(bundle, config)
     in_ch = 3 * r_unshuffle ** 2
     feature_ch = decoder.mid_block.resnets[0].conv1.in_channels
     for name, kw in (("conv_in", {"in_channels": in_ch}), ("conv_out", {"out_channels": feature_ch})):
-        unet, r = widen_module(unet, name, **kw)
+        unet, r = widen_module(unet, name, inplace=True, **kw)
         chain.append(r)
     state = StudentState(compose_student(unet, decoder, r_unshuffle), decoder, {"unet": chain, "decoder": dec_chain},
                          {"source": parts.source, "family": family.name})
@@ -108,8 +134,11 @@ def run_remove(bundle, config: RemoveConfig, stage_dir: Path) -> dict[str, Any]:
     return {"source": parts.source, "params": state.params(), "unshuffle": r_unshuffle,
             "structure_only": state.on_meta, "plan": "used" if part is not None else "none (no analyse stage)",
             "removed": [c.name for rec in chain[1:] for c in rec.changes][:50],
-            "records": [{"op": rec.op, "params_before": rec.params_before, "params_after": rec.params_after}
-                        for rec in chain[1:]]}
+            "records": _record_rows(chain[1:], parts.denoiser.path, state.params() - _count(unet))}
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +222,7 @@ def _prune_part(bundle, model: nn.Module, part: PartPrune, path: str, example: t
 
     if part.method == "slice":
         model, r = slice_width(model, part.slice.ratio_keep, part.slice.gn_policy, part.slice.divisors,
-                               part.slice.attention_scale)
+                               part.slice.attention_scale, inplace=True)
     elif part.method == "channels":
         cfg, graph = part.channels, None
         plan_part = _plan_part(bundle, path)
@@ -205,7 +234,7 @@ def _prune_part(bundle, model: nn.Module, part: PartPrune, path: str, example: t
         on_meta = any(t.is_meta for t in model.parameters())  # prune_channels ranks nothing on meta
         batches, loss_fn = calibration() if cfg.importance == "taylor" and calibration and not on_meta else (None, None)
         with torch.enable_grad():  # taylor accumulates gradients
-            model, r = prune_channels(model, cfg, example, graph=graph, importance_batches=batches, loss_fn=loss_fn)
+            model, r = prune_channels(model, cfg, example, graph=graph, importance_batches=batches, loss_fn=loss_fn, inplace=True)
         model.zero_grad(set_to_none=True)
     else:
         return model
@@ -235,7 +264,7 @@ def run_prune(bundle, config: PruneConfig, stage_dir: Path) -> dict[str, Any]:
     else:
         targets = (("conv_out", {"out_channels": feature_ch}),)
     for name, kw in targets:
-        unet, r = widen_module(unet, name, **kw)
+        unet, r = widen_module(unet, name, inplace=True, **kw)
         unet_chain.append(r)
     example = torch.randn(1, in_ch, 16, 16, device=dev)
     unet = _prune_part(bundle, unet, config.unet, family.denoiser_path, example, unet_chain,
@@ -248,7 +277,15 @@ def run_prune(bundle, config: PruneConfig, stage_dir: Path) -> dict[str, Any]:
     pruned = StudentState(compose_student(unet, decoder, unshuffle, state.model.color_fix), decoder,
                           {"unet": unet_chain, "decoder": dec_chain}, state.info)
     bundle.set_student(pruned)
-    return {"params_before": before, "params_after": pruned.params(),
+    # whole-student params per record: the decoder is pruned first, then the UNet (widened, then narrowed)
+    dec_new, unet_new = dec_chain[len(state.chains["decoder"]):], unet_chain[len(state.chains["unet"]):]
+    outside_unet = pruned.params() - _count(unet)  # the decoder's mid-block + up path the student runs
+    records = _record_rows(unet_new, family.denoiser_path, outside_unet)
+    if dec_new:
+        after_dec = (unet_new[0].params_before if unet_new else _count(unet)) + outside_unet
+        records = [{**_record_rows(dec_new, family.decoder_path, 0)[0], "student_params_before": before,
+                    "student_params_after": after_dec}] + records
+    return {"params_before": before, "params_after": pruned.params(), "records": records,
             "unet_widths": list(pruned.model.config.unet_block_out_channels),
             "decoder_widths": list(pruned.model.config.decoder_block_out_channels),
             "graphs": {p: ("the analysis plan's" if r.extra.get("graph") == "the analysis plan's" else "traced here")

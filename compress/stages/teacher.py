@@ -102,7 +102,8 @@ def train_teacher(family, teacher, train_hr: list[Path], degradation, config: Tr
         opt = torch.optim.Adam(params, lr=config.lr)
         schedulers = {"teacher": lr_schedule(opt, config.lr_schedule, config.warmup_steps, engine.max_steps)}
         setup = TrainSetup(name="train_teacher", trainable={"teacher": module}, optimizers={"teacher": opt},
-                           losses={"teacher": ["l1"] + (["recon"] if recon else [])}, step_fn=step_fn, dataset=dataset, schedulers=schedulers)
+                           losses={"teacher": ["l1"] + (["recon"] if recon else [])}, step_fn=step_fn, dataset=dataset, schedulers=schedulers,
+                           markers={"lr warm-up ends": [config.warmup_steps]} if config.warmup_steps else {})
         result = train(setup, engine, run_dir, log=log)
     return result
 
