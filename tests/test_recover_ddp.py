@@ -65,4 +65,5 @@ def test_two_processes_equal_one_process(tmp_path, stage):
         assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
     one_rows = (tmp_path / "one" / "metrics.csv").read_text().splitlines()
     two_rows = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
-    assert len(one_rows) == len(two_rows) == 4  # header + 3 steps, one row per step (main process only)
+    rows = 4 + (stage == "stage1")  # header (+ stage 1's step-0 validation) + 3 steps, one row per step (main only)
+    assert len(one_rows) == len(two_rows) == rows

@@ -162,7 +162,7 @@ def test_kill9_then_resume_gives_bit_identical_weights(tmp_path, one_thread, sta
         assert all(torch.equal(a[k], b[k]) for k in a), name
     # the resumed run's metrics CSV has each step once (rows logged after the checkpoint were dropped)
     steps = [int(r.split(",")[0]) for r in (killed / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == ([0] if stage == "stage1" else []) + [1, 2, 3, 4, 5, 6]  # stage 1 validates at step 0
 
 
 def test_resume_falls_back_to_the_last_whole_checkpoint(tmp_path):
@@ -223,3 +223,58 @@ def test_loss_curves_mark_the_schedule_and_show_raw_and_smoothed_lines(tmp_path)
                            make_inputs=lambda b, d: {}, discriminator=nn.Linear(2, 1), real=nn.Linear(2, 2))
     setup = build_setup(bundle, DistillConfig(adv_start=50, lr_milestones=[80], lr_gamma=0.5), [torch.zeros(2)])
     assert setup.markers == {"discriminator starts": [50], "lr x0.5": [80]}
+
+
+# ---------------------------------------------------------------------------------- keep_best
+def _scripted_validation(root, scores: dict[int, float], seen: dict):
+    """The toy conv set-up, validated every 2 steps with a score scripted by the step; ``seen`` gets
+    the weights each validation saw."""
+    from dataclasses import replace
+
+    model, setup = _conv_setup(root)
+
+    def validate(ctx):
+        assert not torch.is_grad_enabled() and not ctx.unwrap("net").training
+        seen[ctx.step] = ctx.unwrap("net").weight.detach().clone()
+        return scores[ctx.step]
+
+    return model, replace(setup, validate=validate, val_every=2, val_name="val_score", keep_best=("net",))
+
+
+def test_keep_best_restores_the_best_validated_weights_and_survives_resume(tmp_path):
+    root = realsr()
+    scores = {0: 1.0, 2: 3.0, 4: 3.0, 5: 0.5, 6: 2.0}  # best at step 2 (a tie later keeps the earlier)
+    cfg = dict(batch_size=2, checkpoint_every=2, keep_checkpoints=1, log_every=3, cpu=True, progress=False)
+    seen: dict = {}
+    model, setup = _scripted_validation(root, scores, seen)
+    res = train(setup, EngineConfig(max_steps=6, **cfg), tmp_path / "straight", log=lambda s: None)
+    assert sorted(seen) == [0, 2, 4, 6] and torch.equal(model.weight, seen[2]) and not torch.equal(seen[2], seen[6])
+    v = res.summary["validation"]
+    assert (v["start_step"], v["start"], v["best_step"], v["best"], v["last"], v["restored"]) == (0, 1.0, 2, 3.0, 2.0, True)
+    rows = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",val_score")
+    assert [(r.split(",")[0], r.split(",")[-1]) for r in rows[1:]] == \
+        [("0", "1"), ("2", "3"), ("3", ""), ("4", "3"), ("6", "2")]  # step 6 is also a log row
+
+    # stopped after step 4, then resumed to 6: the best (step 2) comes back from the checkpoint
+    seen_a: dict = {}
+    _, setup = _scripted_validation(root, scores, seen_a)
+    train(setup, EngineConfig(max_steps=4, **cfg), tmp_path / "resumed", log=lambda s: None)
+    state = read_trainer_state(latest_checkpoint(tmp_path / "resumed"))
+    assert state["validation"]["best_step"] == 2 and (latest_checkpoint(tmp_path / "resumed") /
+                                                       "best_weights.safetensors").is_file()
+    seen_b: dict = {}
+    model_b, setup = _scripted_validation(root, scores, seen_b)
+    res = train(setup, EngineConfig(max_steps=6, **cfg), tmp_path / "resumed", log=lambda s: None)
+    assert sorted(seen_b) == [6]  # not measured again at the resumed step
+    assert torch.equal(model_b.weight, model.weight) and res.summary["validation"]["best_step"] == 2
+
+
+def test_keep_best_names_trainable_modules_and_needs_a_validate_function(tmp_path):
+    from dataclasses import replace
+
+    _, setup = _conv_setup(realsr())
+    with pytest.raises(AdcError, match="needs a validate function"):
+        replace(setup, keep_best=("net",))
+    with pytest.raises(AdcError, match=r"\['other'\], which are not trainable"):
+        replace(setup, validate=lambda ctx: 0.0, keep_best=("other",))

@@ -49,9 +49,10 @@ def test_stage1_lowers_reconstruction_l1_and_exports_a_loadable_half_decoder(tmp
     art = run_stage(models, cfg, tmp_path, log=notes.append)
     after = l1()
     assert after < 0.9 * before, (before, after)  # measured 0.536 -> 0.463 (16-channel latent)
+    assert art["best_step"] == 14 and art["val_psnr_y"]["best"] > art["val_psnr_y"]["start"]  # validated at 0 and 14
     assert any("LPIPS" in n for n in notes)  # used, or skipped with a notice (never downloaded)
     csv = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert csv[0].startswith("step,l1,") and "d_loss" in csv[0] and len(csv) == 15
+    assert csv[0].startswith("step,l1,") and "d_loss" in csv[0] and len(csv) == 16  # + the step-0 validation
     assert csv[-1].split(",")[csv[0].split(",").index("d_loss")] != ""  # D trained from disc_start on
 
     # halfDecoder.ckpt: the official layout, read by load_official (mid-block + up path) ...
@@ -72,6 +73,48 @@ def test_stage1_lowers_reconstruction_l1_and_exports_a_loadable_half_decoder(tmp
     fresh.load_state_dict(load_safetensors(art["decoder"]), strict=True)  # diffusers naming
     with torch.no_grad():
         assert torch.equal(fresh(latents(hr[:1])), models.decoder(latents(hr[:1])))
+
+
+def _stage1_keep_best(tmp_path, lr: float):
+    """3-4 steps of stage 1 on the tiny decoder, validated after every step on 2 training crops."""
+    from compress.recover.decoder_pretrain import PretrainDecoderConfig, run_stage
+    from compress.recover.tiny import tiny_stage1_models
+
+    models = tiny_stage1_models(0)
+    start = {k: v.clone() for k, v in models.decoder.state_dict().items()}
+    cfg = PretrainDecoderConfig(train_hr=[TRAIN_HR], crop=32, lr=lr, betas=(0.9, 0.999), lpips_weight=0.0,
+                                adv_weight=0.0, val_every=1, val_images=2, engine=engine(4))
+    art = run_stage(models, cfg, tmp_path, log=lambda s: None)
+    return models, start, art
+
+
+TRAIN_HR = Path(__file__).resolve().parents[1] / "data" / "samples" / "train"
+
+
+def test_stage1_that_only_hurts_returns_the_decoder_it_was_given(tmp_path, one_thread):
+    """keep_best: lr 1.0 wrecks the decoder at the first step (13.2 -> 6.9 dB measured); the stage
+    returns (and exports) the initial weights, bit for bit, and says the best step was 0."""
+    from compress.io import load_safetensors
+
+    models, start, art = _stage1_keep_best(tmp_path, lr=1.0)
+    v = art["val_psnr_y"]
+    assert art["best_step"] == 0 and v["best"] == v["start"] > v["last"] + 1.0 and v["restored"], v
+    for name, weights in (("returned", models.decoder.state_dict()), ("exported", load_safetensors(art["decoder"]))):
+        assert weights.keys() == start.keys() and all(torch.equal(weights[k], start[k]) for k in start), name
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",val_psnr_y") and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3", "4"]
+
+
+def test_stage1_that_helps_keeps_a_later_step(tmp_path, one_thread):
+    from compress.recover.decoder_pretrain import LatentFeatures, reconstruction_psnr, validation_images
+
+    models, start, art = _stage1_keep_best(tmp_path, lr=2e-3)
+    v = art["val_psnr_y"]
+    assert art["best_step"] > 0 and v["best"] > v["start"] + 0.3, v  # measured 13.23 -> 14.06 dB at step 3
+    # the returned decoder is the one that scored best (the validation set: 2 centre crops of training files)
+    val = validation_images([TRAIN_HR], 32, 2)
+    assert val.shape == (2, 3, 32, 32)
+    assert abs(reconstruction_psnr(LatentFeatures(models.vae), models.decoder, val) - v["best"]) < 1e-3
 
 
 def test_stage1_scratch_init_redraws_the_weights():

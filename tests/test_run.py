@@ -215,3 +215,29 @@ def test_a_changed_environment_is_reported_and_warned_once(tiny_run, tmp_path, m
     assert "- date" not in report  # when a stage ran is no difference
     log = (run / "run.log").read_text()
     assert log[log.rindex("run directory"):].count("different environment") == 1  # profile warned, report did not
+
+
+def test_the_report_shows_the_quality_chain_with_numbers(tiny_run):
+    """Every link measured in the tiny run: the ceiling, stage 1 and stage 2 before -> after, the evaluate stage."""
+    import re
+
+    out, _ = tiny_run
+    report = (out / "report.md").read_text()
+    chain = report[report.index("## Quality chain"):]
+    chain = chain[:chain.index("\n## ")]
+    rows = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                  for line in chain.splitlines() if line.startswith("| ")) if c[0] != "#"}
+    assert list(rows) == ["1", "2", "3a", "3b", "4a", "4b", "4c", "4d"]
+    number = re.compile(r"^-?\d+\.\d+( dB)?$")
+    for key, cells in rows.items():
+        assert number.match(cells[3]), (key, cells)  # "after": a number in every row
+        assert key in ("1", "4b", "4c", "4d") or number.match(cells[2]), (key, cells)  # "before" where there is one
+    pre = json.loads(next(out.glob("*-pretrain_decoder/DONE.json")).read_text())["artifacts"]
+    v = pre["measured_values"]
+    assert v["images"] == 1 and rows["1"][1] == "first 1 eval HR"
+    assert rows["1"][3] == f"{v['teacher_vae_psnr_y']:.2f} dB" and rows["2"][3] == f"{v['decoder_psnr_y_after']:.2f} dB"
+    assert pre["best_step"] in (0, 3) and pre["val_psnr_y"]["best"] >= pre["val_psnr_y"]["start"]  # keep_best
+    assert pre["val_psnr_y"]["images"] == 8  # the first 8 training files, never the eval pairs
+    evaluate = json.loads(next(out.glob("*-evaluate/DONE.json")).read_text())["artifacts"]
+    assert rows["4c"][3] == f"{evaluate['means']['student']['psnr']:.2f} dB"
+    assert (out / "report.csv").read_text().count("quality_chain") >= 8

@@ -12,6 +12,13 @@ path uses it, unscaled) -> frozen ``post_quant_conv`` -> trainable decoder -> im
 LPIPS only when the ``lpips`` package and its backbone weights are already on disk (never
 downloaded; otherwise skipped with one notice). D is :class:`PatchDiscriminator`.
 
+``keep_best`` (on by default): the stage cannot return a decoder worse than the one it was given.
+Before the first step, every ``val_every`` steps and after the last, it measures the decoder's
+reconstruction PSNR-Y (the same path: encoder mean -> ``post_quant_conv`` -> decoder) on a fixed
+validation set taken from the *training* HR folders (centre crops of the first ``val_images``
+files in sorted order; never the eval pairs, which stay out of every training decision), and
+keeps the weights with the best score, step 0 included.
+
 Outputs: the decoder in diffusers naming (``decoder.safetensors``) and AdcSR's
 ``halfDecoder.ckpt`` layout (``{"state_dict": {"decoder.<diffusers name>": tensor}}``), which
 ``compress.zoo.adcsr.load_official`` and the official ``train.py``/``test.py`` read.
@@ -57,6 +64,9 @@ class PretrainDecoderConfig:
     disc_start: int = 50_001                              # LDM starts D late: reconstruction first
     disc_width: int = 64
     disc_layers: int = 3
+    keep_best: bool = True        # return the weights with the best validation PSNR-Y (step 0 included)
+    val_every: int = 50           # validate every N steps (and before the first, after the last)
+    val_images: int = 8           # centre crops of the first N training HR files (sorted): the validation set
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     # Unknown for AdcSR (stage 1 is unreleased); [3RD]: 250 K + 250 K steps. Per-GPU batch 4 x 8 GPUs.
@@ -77,6 +87,9 @@ class PretrainDecoderConfig:
                 raise AdcError(f"{path}.{name}: expected >= 0, got {getattr(self, name)}")
         if self.disc_layers < 1 or self.disc_width < 1:
             raise AdcError(f"{path}.disc_layers/disc_width: expected positive integers")
+        if self.val_every < 1 or self.val_images < 1:
+            raise AdcError(f"{path}.val_every/val_images: expected positive integers, "
+                           f"got {self.val_every}/{self.val_images}")
         self.engine.validate(f"{path}.engine")
 
 
@@ -225,6 +238,43 @@ def hr_crops(roots: list[Path], crop: int, hflip: bool, seed: int) -> Dataset:
     return sets[0] if len(sets) == 1 else _EpochConcat(sets)
 
 
+def centre_crop(img: torch.Tensor, crop: int) -> torch.Tensor:
+    """The ``crop`` x ``crop`` centre of a 3xHxW image (reflect-padded first where a side is shorter)."""
+    h, w = img.shape[-2:]
+    ph, pw = max(0, crop - h), max(0, crop - w)
+    if ph or pw:
+        img = F.pad(img[None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")[0]
+        h, w = img.shape[-2:]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return img[:, top:top + crop, left:left + crop].contiguous()
+
+
+def validation_images(roots: list[Path], crop: int, n: int) -> torch.Tensor:
+    """Stage 1's validation set: centre crops (``crop``) of the first ``n`` training HR files, in the
+    folders' order and each folder's sorted order (deterministic, drawn from the training data only)."""
+    from ..data.images import list_images, read_image, to_chw_tensor
+
+    if not roots:
+        raise AdcError("train_hr: no HR folders given for the validation set (keep_best)")
+    paths = [p for r in roots for p in list_images(r)][:n]
+    return torch.stack([centre_crop(to_chw_tensor(read_image(p)), crop) for p in paths])
+
+
+@torch.no_grad()
+def reconstruction_psnr(latents: nn.Module, decoder: nn.Module, hr01: torch.Tensor, batch: int = 4) -> float:
+    """Mean PSNR-Y (dB) of ``decoder(latents(hr))`` against ``hr`` (Bx3xHxW in [0, 1]), ``batch`` at a time,
+    on the decoder's device and dtype, without autocast."""
+    from ..metrics import psnr_y
+
+    p = next(decoder.parameters())
+    scores = []
+    for chunk in hr01.split(batch):
+        x = chunk.to(p.device, p.dtype)
+        rec = decoder(latents(x * 2 - 1))
+        scores.append(psnr_y(((rec + 1) / 2).clamp(0, 1), x).cpu())
+    return float(torch.cat(scores).mean())
+
+
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
@@ -238,7 +288,7 @@ def half_decoder_checkpoint(decoder: nn.Module) -> dict[str, dict[str, torch.Ten
 
 
 def build_setup(models: DecoderModels, config: PretrainDecoderConfig, dataset: Dataset,
-                lpips_model: nn.Module | None) -> TrainSetup:
+                lpips_model: nn.Module | None, val_images: torch.Tensor | None = None) -> TrainSetup:
     decoder = models.decoder.train().requires_grad_(True)
     disc = models.discriminator
     if disc is None:
@@ -283,17 +333,27 @@ def build_setup(models: DecoderModels, config: PretrainDecoderConfig, dataset: D
                 d = discriminator_loss(real, fake, config.adv_loss)
             ctx.optimize("discriminator", {"d_loss": d})
 
+    def validate(ctx: StepContext) -> float:
+        return reconstruction_psnr(ctx.frozen("latents"), ctx.unwrap("decoder"), val_images)
+
     return TrainSetup(name="pretrain_decoder", trainable=trainable, optimizers=optimizers, losses=losses,
                       step_fn=step_fn, dataset=dataset, frozen=frozen,
-                      markers={"discriminator starts": [config.disc_start]} if use_adv else {})
+                      markers={"discriminator starts": [config.disc_start]} if use_adv else {},
+                      validate=validate if val_images is not None else None, val_every=config.val_every,
+                      val_name="val_psnr_y",
+                      keep_best=("decoder",) if val_images is not None and config.keep_best else ())
 
 
 def run_stage(models: DecoderModels, config: PretrainDecoderConfig, run_dir: str | Path,
-              dataset: Dataset | None = None, log=None, write_decoder: bool = True) -> dict[str, Any]:
+              dataset: Dataset | None = None, log=None, write_decoder: bool = True,
+              val_images: torch.Tensor | None = None) -> dict[str, Any]:
     """Train the decoder; write ``decoder.safetensors`` and ``halfDecoder.ckpt`` in ``run_dir``.
 
-    ``dataset`` overrides ``config.train_hr`` (items: 3xHxW in [0, 1]). Returns the artifact
-    paths and the training summary. Under ``accelerate launch`` every process calls this;
+    ``dataset`` overrides ``config.train_hr`` (items: 3xHxW in [0, 1]); ``val_images`` (Bx3xHxW in
+    [0, 1]) overrides the validation set drawn from ``config.train_hr`` (:func:`validation_images`).
+    With ``keep_best`` and neither, the stage refuses to run. Returns the artifact paths, the
+    training summary and the validation record (``val_psnr_y``: start, best, last; ``best_step``).
+    Under ``accelerate launch`` every process calls this;
     only the main one writes the exports. ``write_decoder=False``: the trained decoder is only
     returned (``artifacts["model"]``; the runner saves the student once).
     """
@@ -309,7 +369,9 @@ def run_stage(models: DecoderModels, config: PretrainDecoderConfig, run_dir: str
     lpips_model, lpips_note = (None, "LPIPS off (lpips_weight = 0)")
     if config.lpips_weight > 0:
         lpips_model, lpips_note = load_lpips(config.lpips_net)
-    setup = build_setup(models, config, dataset, lpips_model)
+    if val_images is None and (config.keep_best or config.train_hr):  # measured whenever there is data for it
+        val_images = validation_images(list(config.train_hr), config.crop, config.val_images)
+    setup = build_setup(models, config, dataset, lpips_model, val_images)
     state = process_state(config.engine)
     is_main = state.is_main_process
     if is_main:
@@ -326,6 +388,19 @@ def run_stage(models: DecoderModels, config: PretrainDecoderConfig, run_dir: str
         "steps_per_s": result.summary["steps_per_s"],
         "peak_memory_mib": result.summary["peak_memory_mib"],
     }
+    val = result.summary.get("validation")
+    if val is not None:
+        artifacts["best_step"] = val["best_step"]
+        artifacts["val_psnr_y"] = {"images": len(val_images), "crop": int(val_images.shape[-1]),
+                                   "start": round(val["start"], 4), "best": round(val["best"], 4),
+                                   "last": round(val["last"], 4), "start_step": val["start_step"],
+                                   "last_step": val["last_step"], "keep_best": config.keep_best,
+                                   "restored": val["restored"]}
+        if is_main:
+            log(f"[pretrain_decoder] validation PSNR-Y on {len(val_images)} training crops: {val['start']:.2f} dB "
+                f"at step {val['start_step']} -> best {val['best']:.2f} dB at step {val['best_step']} "
+                f"(last {val['last']:.2f} dB at step {val['last_step']})"
+                + ("" if config.keep_best else "; keep_best off: the last weights are returned"))
     if is_main and write_decoder:
         artifacts["decoder"] = str(run_dir / "decoder.safetensors")
         artifacts["half_decoder"] = str(run_dir / "halfDecoder.ckpt")
@@ -341,4 +416,4 @@ def run_stage(models: DecoderModels, config: PretrainDecoderConfig, run_dir: str
 
 __all__ = ["PretrainDecoderConfig", "DecoderModels", "PatchDiscriminator", "LatentFeatures", "run_stage",
            "build_setup", "load_lpips", "half_decoder_checkpoint", "decoder_state_dict", "generator_adv_loss",
-           "discriminator_loss", "reinitialise", "hr_crops"]
+           "discriminator_loss", "reinitialise", "hr_crops", "validation_images", "reconstruction_psnr", "centre_crop"]

@@ -27,6 +27,13 @@ AdcSR instance (:func:`adcsr_bundle`, verified against the official ``train.py``
 * LR synthesised from HR crops with the Real-ESRGAN degradation, seeded per item (epoch, index)
   so runs are reproducible, resumable and independent of the process count. AdcSR's
   1200-pair shuffling pool is not used (it would tie an item's LR to the batches before it).
+
+Options beside AdcSR's objective (``DistillConfig``; all off by default, and then nothing above
+changes): output-level distillation (``output_weight``: the student's SR image against the
+teacher's, in pixels, optionally with ``train_up``: the student's up path trains too), the
+"latent" variant (``unet_out_weight``: the student UNet's output against the teacher's decoder
+``conv_in`` output), and a closed-form least-squares start of the new ``conv_in``
+(``init_conv_in: lstsq``, :mod:`compress.recover.init`; done by the stage, before training).
 """
 
 from __future__ import annotations
@@ -180,6 +187,21 @@ class DistillConfig:
     prompt_text: str = ""                      # for prompt: fixed (needs the teacher's tokenizer)
     lora_rank: int = 4
     degradation: dict[str, Any] = field(default_factory=dict)
+    # Options beside AdcSR's objective (all off by default: the official stage 2, unchanged).
+    # Output-level distillation: the student's SR image against the teacher's (its full one-step path
+    # and full decoder, from the same LR), both after the student's colour fix to the LR, as deployed
+    # (output_color_fix: false = before it; see feature_distill_bundle for why and what it measured).
+    output_weight: float = 0.0
+    output_loss: Literal["l1", "mse"] = "l1"
+    output_color_fix: bool = True
+    train_up: bool = False                     # the student's up path trains too (needs output_weight > 0)
+    # "latent" variant: the student UNet's output against the teacher's decoder conv_in output
+    # (the mid-block's input: the nearest thing to a latent the student has)
+    unet_out_weight: float = 0.0
+    # closed-form start for the new PixelUnshuffle conv_in (compress.recover.init)
+    init_conv_in: Literal["as_is", "lstsq"] = "as_is"
+    init_crops: int = 32                       # calibration LR crops (training data, its degradation, own seed)
+    init_ridge: float = 1e-3                   # relative to the mean diagonal of the normal equations
     # memory levers (the official code's choices are the defaults)
     frozen_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # teacher, real path, prompts: inference only
     optimizer: Literal["adam", "adam8bit"] = "adam"          # adam8bit: bitsandbytes' 8-bit Adam states
@@ -197,9 +219,14 @@ class DistillConfig:
         for name in ("lr_g", "lr_d", "lr_gamma"):
             if not getattr(self, name) > 0:
                 raise AdcError(f"{path}.{name}: expected a positive number, got {getattr(self, name)}")
-        for name in ("feature_weight", "adv_weight"):
+        for name in ("feature_weight", "adv_weight", "output_weight", "unet_out_weight", "init_ridge"):
             if getattr(self, name) < 0:
                 raise AdcError(f"{path}.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.train_up and not self.output_weight > 0:
+            raise AdcError(f"{path}.train_up: the up path gets gradients only from the output term; "
+                           "set output_weight > 0 (or train_up: false)")
+        if self.init_crops < 1:
+            raise AdcError(f"{path}.init_crops: expected a positive number of crops, got {self.init_crops}")
         if any(m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(self.lr_milestones):
             raise AdcError(f"{path}.lr_milestones: expected increasing positive steps, got {self.lr_milestones}")
         if self.lora_rank < 1:
@@ -444,6 +471,22 @@ class AdcSRStudentFeatures(nn.Module):
         return self.adcsr.features(lr)
 
 
+class AdcSRStudentOutput(AdcSRStudentFeatures):
+    """Output-level distillation's student: LR [-1,1] -> SR [-1,1] (the whole forward; the mid-block
+    features are still there for the feature term, by a hook on ``adcsr.mid_block``). ``color_fix``:
+    the output after the student's colour fix (else before it)."""
+
+    def __init__(self, adcsr: nn.Module, color_fix: bool = False):
+        super().__init__(adcsr)
+        self.color_fix = color_fix
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        from ..zoo.adcsr import match_color
+
+        sr = self.adcsr.up(self.adcsr.features(lr))
+        return match_color(sr, lr) if self.color_fix else sr
+
+
 class DecoderFeatures(nn.Module):
     """Frozen: the decoder's input (``post_quant_conv`` output) -> stage-1 decoder ``conv_in`` -> ``mid_block``."""
 
@@ -473,6 +516,27 @@ class TeacherFeatures(nn.Module):
         return self.decoder(self.decode_input(self.latent(lr, prompt_embeds)))
 
 
+class TeacherOutput(TeacherFeatures):
+    """Frozen teacher path to both targets from one teacher pass: LR [-1,1] -> one-step latent ->
+    decoder input -> (stage-1 ``conv_in`` + ``mid_block``: the features, hooked as ``decoder.mid_block``)
+    and (the teacher's own full decoder, clamped: its SR image, the output). ``color_fix``: the SR
+    after the colour fix to the LR (as the student's ``color_fix`` output)."""
+
+    def __init__(self, teacher: nn.Module, latent: Callable, decode_input: nn.Module, decoder: DecoderFeatures,
+                 full_decoder: nn.Module, color_fix: bool = False):
+        super().__init__(teacher, latent, decode_input, decoder)
+        self.full_decoder = full_decoder
+        self.color_fix = color_fix
+
+    def forward(self, lr: torch.Tensor, prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        from ..zoo.adcsr import match_color
+
+        h = self.decode_input(self.latent(lr, prompt_embeds))
+        self.decoder(h)  # the feature target, taken by the hook on decoder.mid_block
+        sr = self.full_decoder(h).clamp(-1, 1)
+        return match_color(sr, lr.to(sr.dtype)) if self.color_fix else sr
+
+
 class RealFeatures(nn.Module):
     """Frozen real path for D: HR [-1,1] -> the family's ground-truth latent -> decoder features."""
 
@@ -497,7 +561,8 @@ def degrade_items(degradation, hr: torch.Tensor, batch: Mapping[str, Any], seed:
 
 
 def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config: DistillConfig,
-                           init_student_decoder: bool = True, export_official: bool = True) -> DistillBundle:
+                           init_student_decoder: bool = True, export_official: bool = True,
+                           teacher_decoder: nn.Module | None = None) -> DistillBundle:
     """AdcSR's stage 2 for any family, as a :class:`DistillBundle`.
 
     ``student``: an :class:`~compress.zoo.adcsr.AdcSR` (pruned UNet initialised by the caller).
@@ -507,6 +572,23 @@ def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config
     :class:`~compress.families.DistillParts` (teacher latent, decoder input, real latent, the
     plain UNet D starts from, prompts). ``export_official``: also write AdcSR's
     ``net_params.pkl`` / ``halfDecoder.ckpt`` and ``adcsr.safetensors`` beside the run.
+
+    Options beside AdcSR's objective (off by default, and then the bundle is exactly AdcSR's):
+    ``config.output_weight > 0`` adds ``out_l1`` (or ``out_mse``): the student's SR against the
+    teacher's SR (``teacher_decoder``: the teacher's full VAE decoder, fed the decoder input of the
+    same latent as the feature target; default ``parts.teacher.vae.decoder``). With
+    ``output_color_fix`` (the default) and a student that applies its colour fix, the loss is on
+    both outputs after that fix (the teacher's SR given the LR's per-channel mean and std the same
+    way): the deployed student's output. The fix removes any per-channel gain and offset, and the
+    student's raw output carries a large one (before stage 2 on the demo: 14.3 dB against the
+    teacher's SR raw, 25.0 dB fixed), so a loss before it spends its gradient on a shift that
+    deployment discards. On the demo (250 steps, output_weight 1, train_up, engine seeds 0/1/2, the
+    earlier 200-step stage 1) the loss after the fix ended at 27.15/27.05/26.60 dB student vs
+    teacher SR (PSNR-Y, six held-out pairs), the loss before it at 24.41/23.80/26.79 dB.
+    ``output_color_fix: false``: before the fix. ``config.train_up``: the student's up
+    path (up blocks, ``conv_norm_out``, ``conv_out``) trains too (AdcSR keeps it frozen). With the
+    output term the discriminator still judges the mid-block features. ``config.unet_out_weight > 0``
+    adds ``unet_l1``: the student UNet's output against the teacher's stage-1 ``conv_in`` output.
     """
     from ..data import RealESRGANDegradation
 
@@ -523,8 +605,19 @@ def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config
     dtype = next(student.parameters()).dtype  # fp32 normally (autocast does the rest); fp64 in exactness tests
     frozen = {"fp32": dtype, "bf16": torch.bfloat16, "fp16": torch.float16}[config.frozen_dtype]
     feats = DecoderFeatures(copy.deepcopy(decoder)).eval().requires_grad_(False)
-    teacher_module = TeacherFeatures(parts.teacher, parts.teacher_latent, parts.decode_input,
-                                     feats).eval().requires_grad_(False)
+    use_out = config.output_weight > 0
+    if use_out:
+        if teacher_decoder is None:
+            teacher_decoder = getattr(getattr(parts.teacher, "vae", None), "decoder", None)
+        if teacher_decoder is None:
+            raise AdcError("distill.output_weight: output-level distillation needs the teacher's full decoder "
+                           "(pass teacher_decoder)")
+        teacher_module = TeacherOutput(parts.teacher, parts.teacher_latent, parts.decode_input, feats, teacher_decoder,
+                                       config.output_color_fix and bool(getattr(student, "color_fix", False))
+                                       ).eval().requires_grad_(False)
+    else:
+        teacher_module = TeacherFeatures(parts.teacher, parts.teacher_latent, parts.decode_input,
+                                         feats).eval().requires_grad_(False)
     if config.frozen_dtype != "fp32":
         teacher_module.to(frozen)
     degradation = RealESRGANDegradation(config.degradation_config())
@@ -560,14 +653,24 @@ def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config
         return {"adcsr": str(run_dir / "adcsr.safetensors"), "net_params": str(run_dir / "net_params.pkl"),
                 "half_decoder": str(run_dir / "halfDecoder.ckpt")}
 
+    fixed = config.output_color_fix and bool(getattr(student, "color_fix", False))
+    student_module = AdcSRStudentOutput(student, fixed) if use_out else AdcSRStudentFeatures(student)
+    if config.train_up:
+        student.up.requires_grad_(True)
+    pairs = [FeaturePair("adcsr.mid_block", "decoder.mid_block", config.feature_loss, config.feature_weight, "feat_l1"
+                         if config.feature_loss == "l1" else f"feat_{config.feature_loss}")]
+    if use_out:
+        pairs.append(FeaturePair("", "", config.output_loss, config.output_weight, f"out_{config.output_loss}"))
+    if config.unet_out_weight > 0:
+        pairs.append(FeaturePair("adcsr.unet", "decoder.conv_in", config.feature_loss, config.unet_out_weight,
+                                 f"unet_{config.feature_loss}"))
     return DistillBundle(
-        student=AdcSRStudentFeatures(student), teacher=teacher_module,
-        pairs=[FeaturePair("adcsr.mid_block", "decoder.mid_block", config.feature_loss, config.feature_weight, "feat_l1"
-                           if config.feature_loss == "l1" else f"feat_{config.feature_loss}")],
-        make_inputs=make_inputs, discriminator=disc, real=real, adv_on="",
+        student=student_module, teacher=teacher_module, pairs=pairs,
+        make_inputs=make_inputs, discriminator=disc, real=real, adv_on="adcsr.mid_block" if use_out else "",
         export=export if export_official else None, notes=list(parts.notes), frozen=dict(parts.frozen))
 
 
 __all__ = ["FeaturePair", "DistillBundle", "DistillConfig", "build_setup", "run_stage", "capture", "pick",
-           "UNetDiscriminator", "make_unet_discriminator", "AdcSRStudentFeatures", "TeacherFeatures",
+           "UNetDiscriminator", "make_unet_discriminator", "AdcSRStudentFeatures", "AdcSRStudentOutput",
+           "TeacherFeatures", "TeacherOutput",
            "RealFeatures", "DecoderFeatures", "degrade_items", "feature_distill_bundle", "LOSSES"]

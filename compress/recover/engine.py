@@ -61,6 +61,7 @@ STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.csv"
 CURVE_FILE = "loss_curve.png"
 SUMMARY_FILE = "summary.json"
+BEST_FILE = "best_weights.safetensors"  # in a checkpoint: the keep_best modules at the best validation score
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +223,16 @@ class TrainSetup:
     (fixes the CSV columns and the plot). ``step_fn(ctx, batch)`` runs one micro-batch.
     ``markers``: steps where the training changes on purpose, drawn on the loss curve so a jump
     there is read as the schedule, not a fault (e.g. ``{"discriminator starts": [100], "lr x0.5": [200]}``).
+
+    Validation (optional): ``validate(ctx)`` returns a score, higher is better, measured by the engine
+    before the first step (step 0, or the resumed step when a checkpoint holds no score yet), every
+    ``val_every`` steps and after the last one, outside autocast and without gradients, with the
+    trainable modules in eval mode. Every process calls it (same data, same weights) and the main
+    process's score is broadcast, so all processes take the same decisions. The score goes to
+    metrics.csv (column ``val_name``) and the summary. ``keep_best``: trainable modules whose weights
+    at the best score (the earliest on a tie, step 0 included) are kept on the CPU and put back after
+    the last step, so the stage never returns weights worse on the validation set than it started
+    from. The best score and those weights live in every checkpoint: a resumed run keeps them.
     """
 
     name: str
@@ -234,13 +245,26 @@ class TrainSetup:
     frozen: dict[str, nn.Module] = field(default_factory=dict)
     shuffle: bool = True
     markers: dict[str, list[int]] = field(default_factory=dict)
+    validate: Callable[["StepContext"], float] | None = None
+    val_every: int = 0                      # 0: only before the first and after the last step
+    val_name: str = "val"
+    keep_best: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.keep_best and self.validate is None:
+            raise AdcError(f"{self.name}: keep_best {list(self.keep_best)} needs a validate function")
+        if set(self.keep_best) - set(self.trainable):
+            raise AdcError(f"{self.name}: keep_best names {sorted(set(self.keep_best) - set(self.trainable))}, "
+                           "which are not trainable modules")
+        if self.val_every < 0:
+            raise AdcError(f"{self.name}: val_every must be >= 0, got {self.val_every}")
         if set(self.losses) - set(self.optimizers):
             raise AdcError(f"{self.name}: loss groups {sorted(set(self.losses) - set(self.optimizers))} have no optimiser")
         terms = [t for ts in self.losses.values() for t in ts]
         if len(terms) != len(set(terms)):
             raise AdcError(f"{self.name}: loss term names must be unique across optimisers, got {terms}")
+        if self.validate is not None and self.val_name in terms:
+            raise AdcError(f"{self.name}: val_name {self.val_name!r} is also a loss term")
 
 
 @dataclass
@@ -672,6 +696,22 @@ def train(setup: TrainSetup, config: EngineConfig, run_dir: str | os.PathLike,
         GradientState._reset_state()
 
 
+def _resumed_validation(setup: TrainSetup, state: dict, checkpoint: Path):
+    """The validation record and best weights a checkpoint holds, or (None, None): measured again then."""
+    val = state.get("validation")
+    if setup.validate is None or not val or val.get("best_step") is None:
+        return None, None
+    if not setup.keep_best:
+        return dict(val), None
+    if set(val.get("keep_best") or []) != set(setup.keep_best) or not (checkpoint / BEST_FILE).is_file():
+        return None, None
+    from ..io import load_safetensors
+
+    flat = load_safetensors(checkpoint / BEST_FILE)
+    best = {n: {k[len(n) + 1:]: v for k, v in flat.items() if k.startswith(n + "/")} for n in setup.keep_best}
+    return {k: v for k, v in val.items() if k != "keep_best"}, best
+
+
 def _last_good_checkpoint(run_dir: Path, main: bool, log, name: str) -> Path | None:
     """The newest checkpoint that is whole; broken newer ones are set aside as ``.broken-step-N``."""
     for candidate in reversed(list_checkpoints(run_dir)):
@@ -728,10 +768,13 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
     schedulers = dict(zip(sched_names, prepared[len(names) + len(opt_names):]))
 
     start_step, position = 0, 0
+    val: dict[str, Any] | None = None        # validation record: start, best and last (step, score)
+    best_state: dict[str, dict[str, torch.Tensor]] | None = None
     if previous is not None:
         state = read_trainer_state(previous)
         acc.load_state(str(previous))
         start_step, position = int(state["step"]), int(state["samples_seen"])
+        val, best_state = _resumed_validation(setup, state, previous)
         if state.get("global_batch") != config.batch_size and main:
             log(f"[{setup.name}] note: global batch changed from {state.get('global_batch')} to {config.batch_size} "
                 f"on resume; data continues from sample {position}")
@@ -750,7 +793,42 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
         acc.init_trackers(setup.name, config={"max_steps": config.max_steps, "batch_size": config.batch_size,
                                               "seed": config.seed, "mixed_precision": acc.mixed_precision})
     columns = ["step"] + [t for ts in setup.losses.values() for t in ts] + [f"lr_{o}" for o in opt_names] + ["steps_per_s"]
+    if setup.validate is not None:
+        columns.append(setup.val_name)
     metrics = MetricsLog(run_dir / METRICS_FILE, columns, start_step) if main else None
+
+    def validate(step: int) -> float:
+        """Score the current weights (all processes; main's score broadcast) and keep the best."""
+        nonlocal val, best_state
+        for m in prepared_models:
+            m.eval()
+        ctx.step = step
+        try:
+            with torch.no_grad():
+                score = float(setup.validate(ctx))
+        finally:
+            for m in prepared_models:
+                m.train()
+        if procs > 1:
+            from accelerate.utils import broadcast
+
+            score = float(broadcast(torch.tensor([score], dtype=torch.float64, device=acc.device), from_process=0))
+        if val is None:
+            val = {"start_step": step, "start": score, "best_step": None, "best": None}
+        val["last_step"], val["last"] = step, score
+        if math.isfinite(score) and (val["best"] is None or score > val["best"]):
+            val["best_step"], val["best"] = step, score
+            if setup.keep_best:
+                best_state = {n: {k: v.detach().cpu().clone()
+                                  for k, v in acc.unwrap_model(models[n]).state_dict().items()}
+                              for n in setup.keep_best}
+        if main:
+            if trackers:
+                acc.log({setup.val_name: score}, step=step)
+            if config.progress and not on_terminal:
+                best = "none yet" if val["best"] is None else f"{val['best']:.4g} at step {val['best_step']}"
+                log(f"[{setup.name}] step {step}: {setup.val_name} {score:.4g} (best {best})")
+        return score
 
     sampler = StreamSampler(len(setup.dataset), config.seed, position, local_batch, procs, acc.process_index,
                             setup.shuffle)
@@ -768,10 +846,15 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if main:
+            if best_state is not None:
+                from ..io import save_safetensors
+
+                save_safetensors({f"{n}/{k}": v for n, sd in best_state.items() for k, v in sd.items()}, tmp / BEST_FILE)
             atomic_write_json(tmp / STATE_FILE, {
                 "stage": setup.name, "step": step, "samples_seen": position + (step - start_step) * config.batch_size,
                 "global_batch": config.batch_size, "num_processes": procs, "gradient_accumulation_steps": accum,
-                "seed": config.seed, "models": names, "optimizers": opt_names, "schedulers": sched_names})
+                "seed": config.seed, "models": names, "optimizers": opt_names, "schedulers": sched_names,
+                **({"validation": {**val, "keep_best": list(setup.keep_best)}} if val is not None else {})})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -791,11 +874,15 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
     bar = tqdm(total=config.max_steps, initial=start_step, desc=setup.name,
                disable=not (main and config.progress and on_terminal), dynamic_ncols=True)
     prepared_models = list(models.values())
-    t_start = t_log = time.perf_counter()
-    step_log = start_step
     step = start_step
     for m in prepared_models:
         m.train()
+    if setup.validate is not None and val is None:  # a fresh run (step 0), or a checkpoint without a score
+        score = validate(start_step)
+        if main:
+            metrics.append({"step": start_step, setup.val_name: score})
+    t_start = t_log = time.perf_counter()
+    step_log = start_step
     try:
         with track_memory(acc.device) as memory:
             for step in range(start_step + 1, config.max_steps + 1):
@@ -808,7 +895,14 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
                 lrs = {f"lr_{o}": opt.param_groups[0]["lr"] for o, opt in optimizers.items()}  # used by this step
                 for s in schedulers.values():
                     s.step()
-                if step % config.log_every == 0 or step == config.max_steps:
+                score = None
+                if setup.validate is not None and (step == config.max_steps or
+                                                   (setup.val_every and step % setup.val_every == 0)):
+                    score = validate(step)
+                logged = step % config.log_every == 0 or step == config.max_steps
+                if score is not None and main and not logged:
+                    metrics.append({"step": step, setup.val_name: score})
+                if logged:
                     means = ctx._take_means()  # each term averaged over the steps since the last row
                     keys = sorted(means)
                     vals = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=acc.device)
@@ -819,7 +913,8 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
                     rate = (step - step_log) / max(now - t_log, 1e-9)
                     t_log, step_log = now, step
                     if main:
-                        row = {"step": step, **means, **lrs, "steps_per_s": rate}
+                        row = {"step": step, **means, **lrs, "steps_per_s": rate,
+                               **({setup.val_name: score} if score is not None else {})}
                         metrics.append(row)
                         bar.set_postfix({k: f"{means[k]:.4g}" for k in keys[:6]}, refresh=False)
                         if trackers:
@@ -836,6 +931,13 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
             acc.end_training()
     elapsed = time.perf_counter() - t_start
     done = step - start_step
+    restored = val is not None and best_state is not None and val["best_step"] != step
+    if restored:
+        for n, sd in best_state.items():  # every process holds the same copy: the same weights everywhere
+            acc.unwrap_model(models[n]).load_state_dict(sd)
+        if main:
+            log(f"[{setup.name}] kept the weights of step {val['best_step']} ({setup.val_name} {val['best']:.4g}; "
+                f"{val['last']:.4g} at step {val['last_step']}, {val['start']:.4g} at step {val['start_step']})")
     mem, mem_kind = ((memory.cuda_max_allocated_mib, "cuda max_memory_allocated") if acc.device.type == "cuda"
                      else (memory.peak_anon_mib, "peak anonymous memory of the training loop (RssAnon)"))
     summary = {
@@ -848,9 +950,14 @@ def _train(acc, setup: TrainSetup, config: EngineConfig, run_dir: Path, log, tqd
         "trainable_parameters": {n: sum(p.numel() for p in acc.unwrap_model(m).parameters() if p.requires_grad)
                                  for n, m in models.items()},
     }
+    if val is not None:
+        summary["validation"] = {"name": setup.val_name, **val, "keep_best": list(setup.keep_best),
+                                 "restored": restored}
     if main:
         atomic_write_json(run_dir / SUMMARY_FILE, summary)
-        plot_losses(run_dir / METRICS_FILE, run_dir / CURVE_FILE, setup.losses, setup.name, setup.markers)
+        groups = {**setup.losses, **({"validation": [setup.val_name]} if setup.validate is not None else {})}
+        markers = {**setup.markers, **({"weights kept (best validation)": [val["best_step"]]} if restored else {})}
+        plot_losses(run_dir / METRICS_FILE, run_dir / CURVE_FILE, groups, setup.name, markers)
         log(f"[{setup.name}] {done} steps in {elapsed:.1f} s = {summary['steps_per_s']} steps/s on {acc.device} "
             f"({acc.mixed_precision}, {procs} process(es)); peak memory {mem:.0f} MiB ({mem_kind})")
     unwrapped = {n: acc.unwrap_model(m, keep_fp32_wrapper=False) for n, m in models.items()}
@@ -863,4 +970,4 @@ __all__ = ["checkpoint_trainable_only", "EngineConfig", "TrainSetup", "TrainResu
            "item_seed", "upcast", "StreamSampler", "KeyedDataset", "frozen_parameters", "enable_gradient_checkpointing",
            "list_checkpoints", "latest_checkpoint", "read_trainer_state", "plot_losses", "loss_figure", "curve_markers",
            "make_accelerator", "process_state", "resolve_mixed_precision", "CHECKPOINT_DIR", "METRICS_FILE", "CURVE_FILE",
-           "SUMMARY_FILE", "STATE_FILE"]
+           "SUMMARY_FILE", "STATE_FILE", "BEST_FILE"]

@@ -96,11 +96,18 @@ def run_pretrain_decoder_needs(bundle, config: PretrainDecoderConfig) -> list[st
 
 
 @torch.no_grad()
-def _reconstruction_psnr(vae: nn.Module, decoder: nn.Module, hr01: torch.Tensor) -> float:
+def _decoder_input(vae: nn.Module, hr01: torch.Tensor) -> torch.Tensor:
+    """HR in [0, 1] -> the frozen encoder's latent mean -> ``post_quant_conv``: what any decoder decodes."""
+    return vae.post_quant_conv(vae.encode(hr01 * 2 - 1).latent_dist.mean)
+
+
+@torch.no_grad()
+def _reconstruction_psnr(vae: nn.Module, decoder: nn.Module, hr01: torch.Tensor,
+                         h: torch.Tensor | None = None) -> float:
+    """Mean PSNR-Y of ``decoder``'s reconstruction of ``hr01`` (``h``: :func:`_decoder_input`, if computed)."""
     from ..metrics import psnr_y
 
-    z = vae.encode(hr01 * 2 - 1).latent_dist.mean
-    rec = decoder(vae.post_quant_conv(z))
+    rec = decoder(_decoder_input(vae, hr01) if h is None else h)
     return float(psnr_y(((rec + 1) / 2).clamp(0, 1), hr01).mean())
 
 
@@ -111,15 +118,22 @@ def run_pretrain_decoder(bundle, config: PretrainDecoderConfig, stage_dir: Path)
     decoder = state.decoder
     vae = _real_vae(bundle)
     held_out = _eval_images(bundle, "hr")
-    before = _reconstruction_psnr(vae, decoder, held_out) if held_out is not None else None
+    h = _decoder_input(vae, held_out) if held_out is not None else None  # encoded once, decoded three times
+    # the ceiling of any decoder on these images: the teacher's VAE with its own, full decoder
+    ceiling = _reconstruction_psnr(vae, vae.decoder, held_out, h) if held_out is not None else None
+    before = _reconstruction_psnr(vae, decoder, held_out, h) if held_out is not None else None
     artifacts = run_stage(DecoderModels(vae=vae, decoder=decoder), _with_data(bundle, config), stage_dir,
                           write_decoder=False)
     decoder = artifacts.pop("model").cpu().eval()
-    after = _reconstruction_psnr(vae.cpu(), decoder, held_out) if held_out is not None else None
+    after = _reconstruction_psnr(vae.cpu(), decoder, held_out, h.cpu()) if held_out is not None else None
     bundle.set_student(state.recompose(decoder=decoder))
     if before is not None:
-        artifacts["measured"] = {"decoder's reconstruction of HR through the VAE, PSNR-Y (dB)": f"{before:.2f} -> {after:.2f}"}
+        artifacts["measured"] = {
+            "teacher's VAE reconstruction of HR with its full decoder, PSNR-Y (dB): the ceiling": f"{ceiling:.2f}",
+            "decoder's reconstruction of HR through the VAE, PSNR-Y (dB)": f"{before:.2f} -> {after:.2f}"}
         artifacts["measured_images"] = len(held_out)
+        artifacts["measured_values"] = {"teacher_vae_psnr_y": ceiling, "decoder_psnr_y_before": before,
+                                        "decoder_psnr_y_after": after, "images": len(held_out)}
     return _relative(bundle, artifacts)
 
 
@@ -186,8 +200,14 @@ def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any
     hr_held = _eval_images(bundle, "hr") if lr_held is not None else None
     # the teacher's targets in its own precision, before a frozen_dtype lever casts it in place
     targets = _teacher_targets(feats, sr_teacher, lr_held) if lr_held is not None else None
-    dbundle = feature_distill_bundle(student, decoder, parts, config, export_official=False)
+    dbundle = feature_distill_bundle(student, decoder, parts, config, export_official=False,
+                                     teacher_decoder=teacher.get_submodule(bundle.family.decoder_path)
+                                     if config.output_weight > 0 else None)
     before = _distill_measure(student, targets, hr_held) if targets is not None else None
+    fit = after_init = None
+    if config.init_conv_in == "lstsq":
+        fit = _init_conv_in(bundle, student, teacher, parts, config)
+        after_init = _distill_measure(student, targets, hr_held) if targets is not None else None
     artifacts = run_stage(dbundle, config, stage_dir, write_student=False)
     if config.frozen_dtype != "fp32":
         bundle.forget("teacher")  # cast to bf16/fp16 for training: later stages load it again at full precision
@@ -206,11 +226,43 @@ def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any
         }
         artifacts["measured_images"] = n
         artifacts["measured_values"] = {"before": before, "after": after, "images": n}
+        if after_init is not None:
+            artifacts["measured"]["student SR vs teacher SR, PSNR-Y (dB), after the conv_in fit"] = \
+                f"{before['psnr_student_vs_teacher']:.2f} -> {after_init['psnr_student_vs_teacher']:.2f}"
+            artifacts["measured_values"]["after_init"] = after_init
+    if fit is not None:
+        artifacts["init_conv_in"] = fit.to_dict()
     return _relative(bundle, artifacts)
 
 
+def _init_conv_in(bundle, student, teacher, parts, config: DistillConfig):
+    """``init_conv_in: lstsq``: the student's UNet conv_in fitted to the teacher UNet's conv_in output
+    (kept channels) on calibration LR crops of the training data (:mod:`compress.recover.init`)."""
+    from ..data import RealESRGANDegradation
+    from ..log import get_logger
+    from ..recover.init import calibration_lr, fit_student_conv_in
+
+    degradation = RealESRGANDegradation(config.degradation_config())
+    batches = calibration_lr(config.train_hr, config.crop, degradation, config.init_crops,
+                             config.engine.seed + 1000)
+    fit = fit_student_conv_in(student, lambda lr: parts.teacher_latent(lr, None),
+                              teacher.get_submodule(bundle.family.denoiser_path), batches, config.init_ridge)
+    get_logger(__name__).info(f"[distill] conv_in fitted by least squares on {fit.crops} LR crops ({fit.rows} rows, "
+                              f"{fit.unknowns} unknowns per channel, teacher channels: {fit.channels}): relative "
+                              f"residual {fit.residual_before:.4f} -> {fit.residual_after:.4f}")
+    return fit
+
+
 def _trained(state, student):
-    """The state with the distilled student (its own UNet and mid-block; the decoder is unchanged)."""
+    """The state with the distilled student (its own UNet and mid-block; the decoder's up path is the
+    student's, trained with ``train_up``, else unchanged)."""
     from ..student import StudentState
 
-    return StudentState(student, state.decoder.cpu(), state.chains, state.info)
+    decoder = state.decoder.cpu()
+    if any(a is not b for a, b in zip(student.up.parameters(), decoder.up_blocks.parameters())):
+        # the up path is shared by design; should it not be (a copy), the decoder takes the trained one
+        # (train_up), so the saved student keeps it
+        decoder.load_state_dict({**decoder.state_dict(), **{
+            k: v for k, v in student.up.state_dict().items()
+            if k.split(".")[0] in ("up_blocks", "conv_norm_out", "conv_out")}})
+    return StudentState(student, decoder, state.chains, state.info)

@@ -149,6 +149,94 @@ def _goal_value(name: str, art: dict) -> float | None:
     return None
 
 
+NOT_RUN = "not run"
+
+
+def _db(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f} dB"
+
+
+def quality_chain(art: dict, skipped: dict | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+    """The quality chain: where the quality goes, link by link, from what the stages recorded.
+
+    1. the teacher's VAE reconstruction with its full decoder (the ceiling of any decoder);
+    2. the pruned decoder's reconstruction, before -> after stage 1;
+    3. student vs teacher (feature L1, SR PSNR-Y), before -> after stage 2;
+    4. student vs HR after stage 2 (same images), and the evaluate stage's teacher and student on all its pairs.
+    Rows 1-4a come from the recovery stages' own checks (the first ``data.eval_limit`` eval pairs); a row
+    whose stage did not run says so. Returns the markdown lines and report.csv rows.
+    """
+    skipped = skipped or {}
+
+    def missing(stage: str) -> str:
+        if stage not in art:
+            return "skipped (see Stopped early)" if stage in skipped else NOT_RUN
+        if stage == "evaluate":
+            return "not measured (method not in evaluate.methods)"
+        if art[stage].get("measured"):
+            return "not recorded (the stage ran with an older adc)"
+        return "not measured (no eval pairs)"
+
+    rows: list[list[Any]] = []
+    csv: list[dict[str, Any]] = []
+
+    def row(key: str, what: str, stage: str, on: str | None, before: str | None, after: str | None,
+            note: str = "", values: dict[str, float | None] | None = None) -> None:
+        if after is None:
+            rows.append([key, what, missing(stage), "", "", ""])
+            return
+        rows.append([key, what, on, before or "–", after, note])
+        for metric, value in (values or {}).items():
+            if value is not None:
+                csv.append({"section": "quality_chain", "item": f"{key} {what}", "metric": metric, "value": value})
+
+    pre = (art.get("pretrain_decoder") or {}).get("measured_values") or {}
+    n1 = pre.get("images")
+    on1 = f"first {n1} eval HR" if n1 else None
+    ceiling = pre.get("teacher_vae_psnr_y")
+    before1, after1 = pre.get("decoder_psnr_y_before"), pre.get("decoder_psnr_y_after")
+    row("1", "teacher's VAE, full decoder: HR reconstruction PSNR-Y (the ceiling of any decoder)", "pretrain_decoder",
+        on1, None, _db(ceiling) if ceiling is not None else None, values={"after": ceiling})
+    row("2", "pruned decoder: HR reconstruction PSNR-Y (stage 1, pretrain_decoder)", "pretrain_decoder", on1,
+        _db(before1), _db(after1) if after1 is not None else None,
+        f"{after1 - ceiling:+.2f} dB vs the ceiling" if after1 is not None and ceiling is not None else "",
+        {"before": before1, "after": after1})
+
+    dist = (art.get("distill") or {}).get("measured_values") or {}
+    b, a, n2 = dist.get("before") or {}, dist.get("after") or {}, dist.get("images")
+    on2 = f"first {n2} eval pairs" if n2 else None
+    fb, fa = b.get("feature_l1"), a.get("feature_l1")
+    row("3a", "student vs teacher: feature L1 (stage 2, distill)", "distill", on2,
+        None if fb is None else f"{fb:.4f}", None if fa is None else f"{fa:.4f}",
+        f"{100 * (fa / fb - 1):+.1f} %" if fa is not None and fb else "", {"before": fb, "after": fa})
+    sb, sa = b.get("psnr_student_vs_teacher"), a.get("psnr_student_vs_teacher")
+    row("3b", "student SR vs teacher SR, PSNR-Y (stage 2, distill)", "distill", on2, _db(sb),
+        _db(sa) if sa is not None else None, "", {"before": sb, "after": sa})
+    hb, ha = b.get("psnr_student_vs_hr"), a.get("psnr_student_vs_hr")
+    row("4a", "student SR vs HR, PSNR-Y (stage 2's check)", "distill", on2, _db(hb),
+        _db(ha) if ha is not None else None, "", {"before": hb, "after": ha})
+
+    e = art.get("evaluate") or {}
+    means, m = e.get("means") or {}, e.get("n_images")
+    on3 = f"all {m} eval pairs" if m else None
+    t, st = (means.get("teacher") or {}).get("psnr"), (means.get("student") or {}).get("psnr")
+    fid = (e.get("student_vs_teacher") or {}).get("psnr_student_vs_teacher")
+    row("4b", "teacher SR vs HR, PSNR-Y (evaluate)", "evaluate", on3, None, _db(t) if t is not None else None,
+        values={"after": t})
+    row("4c", "student SR vs HR, PSNR-Y (evaluate)", "evaluate", on3, None, _db(st) if st is not None else None,
+        f"{st - t:+.2f} dB vs the teacher" if st is not None and t is not None else "", {"after": st})
+    row("4d", "student SR vs teacher SR, PSNR-Y (evaluate)", "evaluate", on3, None,
+        _db(fid) if fid is not None else None, values={"after": fid})
+
+    lines = ["## Quality chain", "",
+             "Where the quality goes, link by link. Rows 1-4a: the recovery stages' own checks on the first eval "
+             "pairs (one batch, float outputs), right before and after each stage trains; rows 4b-4d: the evaluate "
+             "stage, on all its pairs (PNG outputs). Reconstruction: HR -> frozen teacher VAE encoder (latent mean) "
+             "-> `post_quant_conv` -> decoder, scored against HR.", ""]
+    lines += _table(["#", "link", "measured on", "before", "after", "note"], rows)
+    return lines, csv
+
+
 def _structure(art: dict) -> list[str]:
     """remove and prune: each transformation with the module it changed; params of the whole student."""
     lines: list[str] = []
@@ -245,6 +333,9 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
     if bundle.notes:
         lines += ["## Notes", "", "What was skipped, replaced or simplified in this run, and why:", ""]
         lines += [f"- {n}" for n in bundle.notes] + [""]
+    chain, chain_csv = quality_chain(art, bundle.skipped)
+    lines += chain
+    csv_rows += chain_csv
 
     if "analyse" in art:
         a = art["analyse"]
