@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=None, help="generator / decoder learning rate")
     ap.add_argument("--adv-weight", type=float, default=None)
+    ap.add_argument("--keep-best", action="store_true", help="stage 1: keep the best validated step (off: the "
+                    "last step, so that equivalence tests compare trained weights)")
     ap.add_argument("--float64", action="store_true", help="run the models in float64 (exactness tests)")
     ap.add_argument("--checkpointing", action="store_true", help="engine.gradient_checkpointing (student and D)")
     ap.add_argument("--hr", type=Path, default=None, help="HR folder (default: RealSR HR)")
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             from .decoder_pretrain import PretrainDecoderConfig, run_stage
 
             cfg = PretrainDecoderConfig(train_hr=hr, crop=args.crop, lpips_weight=0.0, disc_start=2, engine=engine,
+                                        keep_best=args.keep_best,
                                         **({"lr": args.lr} if args.lr else {}),
                                         **({"adv_weight": args.adv_weight} if args.adv_weight is not None else {}))
             models = tiny_stage1_models(args.seed)
