@@ -37,3 +37,15 @@ def tiny_distill_recipe(name: str, data: str, distill: str, tail: str = "") -> s
     return (f"name: {name}\nseed: 0\ndevice: cpu\nthreads: 1\nmodels: {{family: osediff, size: tiny}}\n"
             f"task: {{lr_size: 32}}\ndata: {data}\nstages:\n  - remove: {{init: teacher}}\n  - prune: {{}}\n"
             f"  - distill: {distill}\n{tail}")
+
+
+# A structure-only run (the student's records on meta, no weights): what `adc analyse` and `adc compare`
+# take as a run directory, in seconds.
+STUDENT_RUN = """
+name: structure
+device: meta          # a structure-only run: the student's records, no weights (seconds)
+models: {family: osediff, size: tiny}
+task: {lr_size: 32}
+stages:
+  - remove: {init: teacher}
+"""

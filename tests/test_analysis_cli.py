@@ -89,14 +89,7 @@ def test_the_analysis_total_less_its_lora_products_is_the_deployed_count(tmp_pat
 
 # ---- --model: a run directory (its student, or its teacher), a plugin family ---------------------------
 
-STUDENT_RUN = """
-name: structure
-device: meta          # a structure-only run: the student's records, no weights (seconds)
-models: {family: osediff, size: tiny}
-task: {lr_size: 32}
-stages:
-  - remove: {init: teacher}
-"""
+from helpers import STUDENT_RUN  # noqa: E402
 
 
 @pytest.fixture(scope="module")

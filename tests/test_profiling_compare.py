@@ -134,14 +134,7 @@ def test_compare_rejects_bad_sizes_in_one_line(capsys):
     assert compare.main(["--models", "osediff,sd3", "--no-latency"]) == 2
 
 
-STUDENT_RUN = """
-name: structure
-device: meta          # a structure-only run: the student's records, no weights (seconds)
-models: {family: osediff, size: tiny}
-task: {lr_size: 32}
-stages:
-  - remove: {init: teacher}
-"""
+from helpers import STUDENT_RUN  # noqa: E402
 
 
 def test_compare_takes_a_run_directory_and_writes_a_new_folder_by_default(tmp_path, monkeypatch, capsys, one_thread):
