@@ -97,8 +97,11 @@ def run_pretrain_decoder_needs(bundle, config: PretrainDecoderConfig) -> list[st
 
 @torch.no_grad()
 def _decoder_input(vae: nn.Module, hr01: torch.Tensor) -> torch.Tensor:
-    """HR in [0, 1] -> the frozen encoder's latent mean -> ``post_quant_conv``: what any decoder decodes."""
-    return vae.post_quant_conv(vae.encode(hr01 * 2 - 1).latent_dist.mean)
+    """HR in [0, 1] -> the frozen encoder's latent mean -> ``post_quant_conv``: what any decoder decodes
+    (stage 1's own input path, :class:`~compress.recover.decoder_pretrain.LatentFeatures`)."""
+    from ..recover.decoder_pretrain import LatentFeatures
+
+    return LatentFeatures(vae)(hr01 * 2 - 1)
 
 
 @torch.no_grad()
