@@ -25,10 +25,21 @@ from .yaml_io import FLOAT_RE
 T = TypeVar("T")
 
 
+def ranged(default: Any, lo: float, hi: float) -> Any:
+    """A dataclass field with ``default`` whose value :func:`from_dict` keeps within [lo, hi].
+
+    Why on the field: every numeric recipe key carries its range where it is declared, and a
+    test walks every config to make sure none is missing (a value out of range otherwise reaches
+    torch as a traceback, or runs for days).
+    """
+    return dataclasses.field(default=default, metadata={"range": (lo, hi)})
+
+
 def from_dict(cls: type[T], data: Any, path: str = "recipe") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and failed checks name ``path.key``.
 
-    A dataclass may define ``validate(self, path)`` for cross-field checks; it is called last.
+    Fields declared with :func:`ranged` are checked against their range. A dataclass may define
+    ``validate(self, path)`` for cross-field checks; it is called last.
     """
     if data is None:
         data = {}
@@ -46,6 +57,9 @@ def from_dict(cls: type[T], data: Any, path: str = "recipe") -> T:
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], f"{path}.{name}")
+            bounds = f.metadata.get("range")
+            if bounds is not None and kwargs[name] is not None:
+                check_range(kwargs[name], *bounds, f"{path}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise AdcError(f"{path}.{name}: missing required key")
     obj = cls(**kwargs)
@@ -165,4 +179,40 @@ def check_positive(value: float, path: str) -> float:
     return value
 
 
-__all__ = ["from_dict", "to_dict", "check_range", "check_finite", "check_positive", "short_repr", "typing"]
+class Number:
+    """An argparse ``type``: an int (or float) within [lo, hi], else argparse's one ``error:`` line, exit 2.
+
+    Why here, beside :func:`ranged`: the command line's numbers get ranges as the recipe's do.
+    ``type=int`` lets ``--threads -3`` or ``--repeats 10**9`` through to torch; every numeric flag
+    of every command uses this (a test walks the parsers), and the range shows in the error.
+    """
+
+    def __init__(self, kind: type, lo: float, hi: float):
+        self.kind, self.lo, self.hi = kind, lo, hi
+        self.__name__ = kind.__name__  # argparse names the type in its messages
+
+    def __call__(self, text: str):
+        import argparse
+        import math
+
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {'an integer' if self.kind is int else 'a number'} "
+                                             f"in [{self.lo}, {self.hi}]") from None
+        if not (isinstance(value, int) or math.isfinite(value)) or not self.lo <= value <= self.hi:
+            raise argparse.ArgumentTypeError(f"{text}: expected a value in [{self.lo}, {self.hi}]")
+        return value
+
+
+def int_in(lo: int, hi: int) -> Number:
+    """argparse type: an integer in [lo, hi]."""
+    return Number(int, lo, hi)
+
+
+def float_in(lo: float, hi: float) -> Number:
+    """argparse type: a finite number in [lo, hi]."""
+    return Number(float, lo, hi)
+
+
+__all__ = ["ranged", "int_in", "float_in", "Number", "from_dict", "to_dict", "check_range", "check_finite", "check_positive", "short_repr", "typing"]

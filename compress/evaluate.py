@@ -6,7 +6,9 @@ Why: the students must be compared with the published one-step SR models on the 
 PSNR/SSIM match pyiqa's Y-channel versions, and learned metrics use pyiqa itself, offline,
 only when it is installed with its weights on disk (otherwise they are listed as unavailable).
 Writes ``per_image.csv``, ``summary.csv`` and ``summary.md`` atomically into ``--out``
-(default: ``<sr>_metrics`` beside the SR folder, so the input folder is left untouched).
+(default: ``<sr>_metrics`` beside the SR folder, so the input folder is left untouched); an
+existing file of those names is replaced only if adc wrote it there (the folder's ``.adc-written``),
+else refused before any scoring.
 
 Pairing (:func:`pair_images`). The papers' scripts pair by sorted order, which silently scores
 the wrong pairs when names do not line up (shuffled names: 13.16 dB instead of 15.20). Here:
@@ -34,8 +36,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-from PIL import Image, UnidentifiedImageError
-
 from .errors import AdcError
 from .metrics.images import list_images
 from .metrics.learned import LEARNED_METRICS
@@ -55,6 +55,7 @@ __all__ = [
     "pair_folders",
     "pair_images",
     "parse_metric_names",
+    "report_paths",
     "summarize",
     "write_reports",
 ]
@@ -85,11 +86,10 @@ def parse_metric_names(metrics: str | Iterable[str]) -> list[str]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise AdcError(f"{path}: unreadable image ({type(exc).__name__}: {str(exc)[:120]})") from None
+    """(width, height) as the scoring reads it (EXIF-upright); unreadable or oversized: one AdcError line."""
+    from .data.images import image_size
+
+    return image_size(path)
 
 
 def _affix_cores(stems: list[str]) -> tuple[list[str], str, str] | None:
@@ -176,7 +176,8 @@ def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
     ``sr_dir``/``hr_dir``, ``pyiqa`` (its version or None), ``pairing`` (the rule used) and
     ``pairing_warning`` (a line, when the pairs are by sorted order only; also given to ``log``,
     default: this module's logger), ``pairing_note`` (a line, when the SR images are a subset of
-    the HR folder: how many HR images were ignored; also given to ``log``).
+    the HR folder: how many HR images were ignored; also given to ``log``), ``alpha_note`` (a line,
+    when images have an alpha channel, which is ignored as pyiqa ignores it; also given to ``log``).
     """
     names = parse_metric_names(metrics)
     pairs, pairing, pairing_warning, pairing_note = _pair_folders(sr_dir, hr_dir)
@@ -187,7 +188,7 @@ def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
 
     import pandas as pd
 
-    from .metrics.images import load_image
+    from .metrics.images import load_image_alpha
     from .metrics.learned import open_learned_metrics, pyiqa_version
     from .metrics.psnr_ssim import psnr_y, ssim_y
 
@@ -197,8 +198,10 @@ def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
     from .log import progress
 
     rows = []
+    with_alpha: list[str] = []
     for sr_path, hr_path in progress(pairs, f"scoring {Path(sr_dir).name}", logger=logger):
-        sr, hr = load_image(sr_path), load_image(hr_path)
+        (sr, sr_alpha), (hr, hr_alpha) = load_image_alpha(sr_path), load_image_alpha(hr_path)
+        with_alpha += [p.name for p, a in ((sr_path, sr_alpha), (hr_path, hr_alpha)) if a]
         row: dict[str, object] = {"sr": sr_path.name, "hr": hr_path.name}
         for name in names:  # columns in the order asked for
             if name == "psnr":
@@ -213,6 +216,10 @@ def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
                     del learned[name]
         rows.append(row)
 
+    alpha_note = (f"info: {len(with_alpha)} images have an alpha channel (e.g. {with_alpha[0]}); it is ignored: "
+                  "scored on the RGB, not composited, as pyiqa does") if with_alpha else None
+    if alpha_note:
+        (log or logger.info)(alpha_note)
     set_scores = {}
     for name, m in list(learned.items()):
         if m.spec.kind == "set":
@@ -231,6 +238,7 @@ def evaluate_folders(sr_dir: str | os.PathLike, hr_dir: str | os.PathLike,
         pairing=pairing,
         pairing_warning=pairing_warning,
         pairing_note=pairing_note,
+        alpha_note=alpha_note,
     )
     return df
 
@@ -287,6 +295,8 @@ def _markdown(per_image: pd.DataFrame, summary: pd.DataFrame) -> str:
         lines.append(f"- **{a['pairing_warning']}**")
     if a.get("pairing_note"):
         lines.append(f"- {a['pairing_note'].removeprefix('info: ')}")
+    if a.get("alpha_note"):
+        lines.append(f"- {a['alpha_note'].removeprefix('info: ')}")
     if a.get("pyiqa"):
         lines.append(f"- learned metrics: pyiqa {a['pyiqa']}")
     lines += ["", "| metric | value | better | status |", "|---|---:|---|---|"]
@@ -297,21 +307,35 @@ def _markdown(per_image: pd.DataFrame, summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(per_image: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write per_image.csv, summary.csv and summary.md into ``out_dir``, each atomically."""
-    from .io import atomic_path
+def report_paths(out_dir: str | os.PathLike) -> dict[str, Path]:
+    """The three report files in ``out_dir``, checked: adc replaces only those it wrote there itself
+    (the folder's :class:`~compress.ownership.WriteRecord`), so a user's own ``summary.md`` is refused."""
+    from .ownership import WriteRecord
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AdcError(f"--out is not a folder: {out}")
-    summary = summarize(per_image)
     paths = {"per_image": out / "per_image.csv", "summary": out / "summary.csv", "markdown": out / "summary.md"}
+    record = WriteRecord(out)
+    for path in paths.values():
+        record.check(path, hint="move it away or choose another --out")
+    return paths
+
+
+def write_reports(per_image: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write per_image.csv, summary.csv and summary.md into ``out_dir``, each atomically (see :func:`report_paths`)."""
+    from .io import atomic_path
+    from .ownership import WriteRecord
+
+    paths = report_paths(out_dir)
+    out, record = Path(out_dir), WriteRecord(out_dir)
+    summary = summarize(per_image)
     try:
-        with atomic_path(paths["per_image"]) as tmp:
+        with atomic_path(paths["per_image"], record) as tmp:
             per_image.to_csv(tmp, index=False, float_format="%.6f")
-        with atomic_path(paths["summary"]) as tmp:
+        with atomic_path(paths["summary"], record) as tmp:
             summary.to_csv(tmp, index=False, float_format="%.6f")
-        with atomic_path(paths["markdown"]) as tmp:
+        with atomic_path(paths["markdown"], record) as tmp:
             tmp.write_text(_markdown(per_image, summary), encoding="utf-8")
     except OSError as exc:
         raise AdcError(f"cannot write reports to {out}: {exc.strerror or exc}") from None
@@ -361,6 +385,8 @@ def enable_hint(unavailable: dict[str, str]) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else _default_out(args.sr)
+    report_paths(out)  # before the scoring: a refused --out costs nothing
     df = evaluate_folders(args.sr, args.hr, metrics=args.metrics, device=args.device,
                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
     hint = enable_hint(df.attrs["unavailable"])
@@ -369,7 +395,6 @@ def _run(args: argparse.Namespace) -> int:
         raise AdcError(f"no metric could be computed ({why}); nothing written" + (f"; {hint}" if hint else ""))
     if hint:
         print(f"info: {hint}", file=sys.stderr, flush=True)
-    out = Path(args.out) if args.out else _default_out(args.sr)
     paths = write_reports(df, out)
     sys.stdout.write(paths["markdown"].read_text(encoding="utf-8"))
     print(f"wrote {paths['per_image']}, {paths['summary']}, {paths['markdown']}")

@@ -7,6 +7,7 @@ a power loss the target is either the old file or the complete new one. A write 
 (disk full, quota, read-only file system, no permission) raises :class:`WriteError`, one line
 naming the target, and leaves nothing behind. Identical content gives identical bytes: torch
 archives do not carry the temp file's name, and safetensors headers are written with sorted keys.
+What adc may replace in a folder the user names, and the folder lock: :mod:`compress.ownership`.
 """
 
 from __future__ import annotations
@@ -18,15 +19,35 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import AdcError
+
+if TYPE_CHECKING:
+    from .ownership import WriteRecord
+
+
+def refused_pickle(path: str | os.PathLike, exc: BaseException, what: str = "the pickle") -> AdcError:
+    """One line for a weights-only load that failed (torch's message is a page of advice): the global
+    it would have called, or what else the safe unpickler could not read."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"unsupported (?:global:? )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    if found:
+        return AdcError(f"{path}: refused to load, {what} needs arbitrary code "
+                        f"(weights_only=True refused {found.group(1)})")
+    advice = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Please file an issue", "Re-running")
+    detail = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(advice)),
+                  type(exc).__name__)
+    detail = detail.removeprefix("WeightsUnpickler error:").strip() or type(exc).__name__
+    return AdcError(f"{path}: refused to load, the safe (weights_only=True) unpickler cannot read {what} "
+                    f"({detail[:100]})")
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -37,13 +58,32 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdcError(
-            f"{path}: refused to load, the pickle needs arbitrary code "
-            f"(weights_only=True failed: {first[:160]})"
-        ) from None
+        raise refused_pickle(path, exc) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise AdcError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from None
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside the block runs with ``weights_only=True``, whatever its caller asked.
+
+    Why: ``torch.export.load`` unpickles parts of a ``.pt2`` archive with ``weights_only=False``
+    (legacy weights and constants, payloads marked ``use_pickle``, and a fallback when the safe load
+    fails), so a crafted archive runs code on load. torch's own switch,
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, closes every such path at once; the opposite switch is
+    lifted for the block, since torch refuses the two together.
+    """
+    saved = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class WriteError(AdcError):
@@ -142,15 +182,20 @@ def make_dirs(folder: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, record: WriteRecord | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is made durable and renamed onto ``path``.
 
     Order: the writer fills the temp file; it gets the normal file mode (after the writer, which
     may have replaced it) and is fsynced; it is renamed; the folder is fsynced. On any error or
     interrupt the temp file is removed; a write fault (disk full, read-only, ...) in the block
-    becomes one :class:`WriteError` line naming ``path``.
+    becomes one :class:`WriteError` line naming ``path``. With ``record``, an existing ``path``
+    that the record does not prove adc's is refused (before the writer runs and again just before
+    the rename), and the new file is entered in the record before the rename: a crash between
+    the two leaves a record that matches no file, which refuses, never a file that it wrongly allows.
     """
     path = Path(path)
+    if record is not None:
+        record.check(path)
     make_dirs(path.parent)
     with naming_write_faults(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -161,6 +206,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             yield tmp_path
             os.chmod(tmp_path, new_file_mode())
             fsync_path(tmp_path)
+            if record is not None:
+                record.check(path)
+                record.add(path, fingerprint=file_fingerprint(tmp_path))  # size and mtime survive the rename
             os.replace(tmp_path, path)
             fsync_path(path.parent, directory=True)
     finally:
@@ -318,3 +366,12 @@ def read_format_json(path: str | os.PathLike, fmt: str, what: str) -> dict[str, 
         found = meta.get("format") if isinstance(meta, dict) else None
         raise AdcError(f"{path}: format is {found!r}, expected {fmt!r}")
     return meta
+
+
+def file_fingerprint(path: str | os.PathLike) -> list[int] | None:
+    """[size, mtime_ns] of a regular file (a link is not followed), else None: what shows it unchanged."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from .config import check_range, from_dict, to_dict
+from .config import ranged, check_range, from_dict, to_dict
 from .errors import AdcError, did_you_mean, short_repr
 
 STAGE_ORDER = ("train_teacher", "analyse", "remove", "prune", "pretrain_decoder", "distill",
-               "evaluate", "profile", "report")
+               "evaluate", "profile", "quantize", "report")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -59,10 +59,10 @@ class ModelsConfig:
 class TaskConfig:
     """Facts of the task that the analysis and the compressed model rely on."""
 
-    scale: int = 4
-    timestep: int = 999
+    scale: int = ranged(4, 1, 16)
+    timestep: int = ranged(999, 0, 999)
     prompt: Literal["dropped", "fixed", "variable"] = "dropped"
-    lr_size: int = 128
+    lr_size: int = ranged(128, 16, 8192)
 
     def validate(self, path: str) -> None:
         check_range(self.timestep, 0, 999, f"{path}.timestep")
@@ -72,6 +72,14 @@ class TaskConfig:
             raise AdcError(f"{path}.scale: expected a positive integer, got {self.scale}")
 
 
+def _holds_images(folder: Path, recursive: bool) -> bool:
+    """Whether ``folder`` has at least one image file (stops at the first: cheap on LSDIR's 85k)."""
+    from .data.images import IMAGE_EXTENSIONS
+
+    pattern = "**/*" if recursive else "*"
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in folder.glob(pattern))
+
+
 @dataclass
 class DataConfig:
     """Images for recovery and evaluation, and the LR synthesis every training stage shares."""
@@ -79,7 +87,7 @@ class DataConfig:
     train_hr: list[Path] = field(default_factory=list)   # HR folders (recursive) for recovery
     eval_lr: Path | None = None
     eval_hr: Path | None = None
-    eval_limit: int | None = None                        # evaluate (and measure stages) on the first N pairs
+    eval_limit: int | None = ranged(None, 1, 10**9)  # evaluate (and measure stages) on the first N pairs
     degradation: Any = None                              # compress.data.DegradationConfig (AdcSR's values)
 
     def __post_init__(self) -> None:
@@ -91,13 +99,19 @@ class DataConfig:
     def validate(self, path: str) -> None:
         from .data import DegradationConfig
 
+        # here, when the recipe loads: an empty folder found by the stage that reads it would come
+        # after the stages before it had run (minutes to hours)
         for i, p in enumerate(self.train_hr):
             if not p.is_dir():
                 raise AdcError(f"{path}.train_hr[{i}]: {p} is not a directory")
+            if not _holds_images(p, recursive=True):
+                raise AdcError(f"{path}.train_hr[{i}]: {p} holds no images (.png, .jpg, ..., searched recursively)")
         for name in ("eval_lr", "eval_hr"):
             p = getattr(self, name)
             if p is not None and not p.is_dir():
                 raise AdcError(f"{path}.{name}: {p} is not a directory")
+            if p is not None and not _holds_images(p, recursive=False):
+                raise AdcError(f"{path}.{name}: {p} holds no images (.png, .jpg, ...)")
         if (self.eval_lr is None) != (self.eval_hr is None):
             raise AdcError(f"{path}.{'eval_hr' if self.eval_hr is None else 'eval_lr'}: missing; evaluation needs "
                            "both eval_lr and eval_hr")
@@ -116,9 +130,9 @@ class Stage:
 @dataclass
 class Recipe:
     name: str
-    seed: int = 0
+    seed: int = ranged(0, 0, 2**32 - 1)
     device: str = "auto"
-    threads: int | None = None    # torch CPU threads (None = torch's default)
+    threads: int | None = ranged(None, 1, 1024)    # torch CPU threads (None = torch's default)
     plugins: list[str] = field(default_factory=list)
     models: ModelsConfig | None = None
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -363,9 +377,9 @@ def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
 @dataclass
 class _RecipeHead:
     name: str
-    seed: int = 0
+    seed: int = ranged(0, 0, 2**32 - 1)
     device: str = "auto"
-    threads: int | None = None
+    threads: int | None = ranged(None, 1, 1024)
     plugins: list[str] = field(default_factory=list)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)

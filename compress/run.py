@@ -16,6 +16,10 @@ independent of the rank); every other stage runs once, on the main process, whil
 wait and then read its results from the run directory. ``DONE.json``, reports, students and
 checkpoints are written once; ``--resume`` works the same under N processes.
 
+The run directory is new, empty or an adc run (its ``.adc-written`` claims it): a user's files in
+another folder are never replaced. One process at a time holds it (``.adc-lock``): a second one
+is refused with the holder's pid; a lock left by a process that died is taken over.
+
 Exit codes: 0 done; 2 a mistake in the input (recipe, paths, files), one line on stderr;
 3 stopped because weights or data are missing (what to give is listed); 130 interrupted.
 """
@@ -35,12 +39,14 @@ import yaml
 from .bundle import Bundle
 from .errors import AdcError, did_you_mean
 from .io import atomic_write_json, atomic_write_text
+from .ownership import FolderLock, WriteRecord, check_own_folder
 from .log import get_logger, log_to_file, setup_logging
 from .profile.memory import track_memory
 
 logger = get_logger(__name__)
 from .recipe import Recipe, load_recipe
 from .stages import STAGES
+from .targets import RESOLVED
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_NEEDS_WEIGHTS, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -122,7 +128,16 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: lis
     log = log or logger.info
     if not procs.is_main:
         log = _quiet  # one process reports
-    procs.once(_prepare_run_dir, recipe, run_dir, resume)
+    lock = procs.once(_prepare_run_dir, recipe, run_dir, resume)  # the main process holds the folder's lock
+    try:
+        return _run_stages(recipe, run_dir, resume, only, procs, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(recipe: Recipe, run_dir: Path, resume: bool, only: list[str] | None, procs: _Processes,
+                log) -> dict[str, Any]:
     if procs.is_main:
         log_to_file(run_dir / "run.log")
         logger.info(f"run directory {run_dir}, recipe {recipe.source or recipe.name}"
@@ -195,17 +210,39 @@ def check_stages(recipe: Recipe, only: list[str] | None) -> None:
         last = names.index(name)
 
 
-def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
-    existing = sorted(p.name for p in run_dir.glob("[0-9][0-9]-*")) if run_dir.is_dir() else []
-    if existing and not resume:
-        raise AdcError(f"{run_dir}: holds an earlier run ({existing[0]}, ...); continue it with --resume "
-                       "or choose a new --out (nothing was overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = run_dir / "recipe.resolved.yaml"
-    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
-    if resolved.exists() and resume and resolved.read_text() != text:
-        raise AdcError(f"{resolved}: the recipe changed since this run started; use a new --out or drop --resume")
-    atomic_write_text(resolved, text)
+def _earlier_recipe(resolved: Path) -> str:
+    """The text of the resolved recipe an earlier run wrote; one line when it is not readable text."""
+    try:
+        return resolved.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdcError(f"{resolved}: not the UTF-8 text adc wrote (corrupt?); --resume cannot tell what the run was "
+                       "started with: use a new --out") from None
+
+
+def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> FolderLock:
+    """Check, lock and claim the run directory; returns its lock, held until the run ends.
+
+    adc writes only into a new or empty folder or one of its own runs (its ``.adc-written`` claims
+    it, or, from before that record, it holds ``recipe.resolved.yaml``): a user's ``report.md``
+    elsewhere is never replaced. The lock keeps a second process off the folder.
+    """
+    check_own_folder(run_dir, "run", legacy=(RESOLVED,))
+    lock = FolderLock(run_dir, "compress.run", log=logger.warning).acquire()
+    try:
+        existing = sorted(p.name for p in run_dir.glob("[0-9][0-9]-*"))
+        if existing and not resume:
+            raise AdcError(f"{run_dir}: holds an earlier run ({existing[0]}, ...); continue it with --resume "
+                           "or choose a new --out (nothing was overwritten)")
+        WriteRecord(run_dir).claim("compress.run")
+        resolved = run_dir / RESOLVED
+        text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+        if resolved.exists() and resume and _earlier_recipe(resolved) != text:
+            raise AdcError(f"{resolved}: the recipe changed since this run started; use a new --out or drop --resume")
+        atomic_write_text(resolved, text)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _run_on_main(bundle: Bundle, spec, stage, sdir: Path) -> dict[str, Any]:
@@ -241,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="exit codes: 0 done, 2 input error, 3 stopped for missing weights/data, "
                                             "130 interrupted")
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/adcsr.yaml")
-    parser.add_argument("--out", type=Path, help="run directory (default: runs/<recipe name>)")
+    parser.add_argument("--out", type=Path, help="run directory: new, empty or an adc run (default: runs/<recipe name>)")
     parser.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
     parser.add_argument("--stages", help="comma-separated subset of stages to run, in the recipe's order")
     parser.add_argument("--dry-run", action="store_true",
@@ -284,6 +321,10 @@ def dry_run(recipe: Recipe, run_dir: Path, *, resume: bool = False, only: list[s
     check_stages(recipe, only)
     text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     lines = [f"# dry run: nothing created; run directory {run_dir}"]
+    try:
+        check_own_folder(run_dir, "run", legacy=(RESOLVED,))
+    except AdcError as exc:
+        lines.append(f"# note: the run refuses it: {exc}")
     existing = sorted(p.name for p in run_dir.glob("[0-9][0-9]-*")) if run_dir.is_dir() else []
     resolved = run_dir / "recipe.resolved.yaml"
     if existing and not resume:

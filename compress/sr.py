@@ -10,9 +10,15 @@ band by row band as tiles finish, so memory is bounded by the tile, not the imag
 Files: the output folder is created and test-written before the model is loaded. Inputs are
 never overwritten, and neither is any other file in an input's own folder: ``--input dir/x.jpg
 --output dir`` writes ``dir/x.png`` only if no such file exists. In a separate output folder,
-a rerun replaces the outputs of the same names. Every PNG is written atomically; a failed
+a rerun replaces the outputs of the same names that it wrote itself (listed, with their size and
+mtime, in the folder's ``.adc-written``); any other existing file is refused before the model
+loads, so ``--output`` pointed at an HR folder loses nothing. One run at a time writes into a
+folder (``.adc-lock``). Every PNG is written atomically; a failed
 write (disk full, read-only, ...) stops the run with one ``error:`` line naming the file
 (exit 2), leaving the images already written and no partial file. Ctrl-C: "interrupted", exit 130.
+An image that cannot be read, or has NaN/inf pixels, or gets a non-finite output even in fp32,
+is one ``skipped:`` line and the run goes on (exit 1 only when nothing was written). An image
+with alpha gives an RGBA PNG: the model upscales the RGB, the alpha is upscaled bicubically.
 
     python -m compress.sr --model weights/ --input lr/ --output sr/ --tile 512 --dtype fp16
 
@@ -41,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import AdcError
+from .config import int_in
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +73,7 @@ def sr_models() -> list[str]:
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2")
 BACKENDS = ("torch", "onnxruntime")
+DEFAULT_OVERLAP = 32  # LR px shared by neighbouring tiles
 HALF_DECODER = "halfDecoder.ckpt"
 _NET_PARAMS = re.compile(r"^net_params_(\d+)\.pkl$")
 
@@ -122,8 +130,12 @@ def _load_official_dir(folder: Path, size: str, device: torch.device, log: Calla
 
 def _load_student_dir(student: Path, device: torch.device, log: Callable[[str], None]) -> nn.Module:
     """A student written by the adc runner (:func:`compress.student.save_student`)."""
-    from .student import load_student
+    from .io import read_format_json
+    from .student import STUDENT_FILE, load_student
 
+    if read_format_json(student / STUDENT_FILE, "adc-student", "adc's save_student").get("weights") is False:
+        raise AdcError(f"{student}: the run stored the student's structure only (device: meta), no weights to "
+                       f"run; rerun its recipe with device: cpu or cuda")
     model, _ = load_student(student)
     log(f"loaded compressed student from {student}")
     return model.to(device).eval()
@@ -188,8 +200,9 @@ def _inputs(src: Path, out_dir: Path, recursive: bool) -> tuple[Path, list[Path]
     if out_dir.resolve() == src.resolve():
         raise AdcError(f"--output {out_dir} is the input folder; choose another one (inputs are never overwritten)")
     out_real = out_dir.resolve()
-    files = [p for p in list_images(src, recursive=recursive)
-             if not p.resolve().is_relative_to(out_real)]  # earlier outputs inside the input tree
+    files = list_images(src, recursive=recursive)
+    if out_real.is_relative_to(src.resolve()):  # an output folder inside the input tree: skip earlier outputs
+        files = [p for p in files if not p.resolve().is_relative_to(out_real)]  # (not when it is a parent)
     if not files:
         raise AdcError(f"--input {src}: no images ({', '.join(IMAGE_EXTENSIONS)})"
                        f"{'' if recursive else ' (add --recursive for subfolders)'}")
@@ -200,8 +213,13 @@ def plan_outputs(root: Path, files: Sequence[Path], out_dir: Path) -> list[Path]
     """One PNG per input, mirroring its path under ``root``; refuses any that would overwrite an input,
     or any existing file in an input's own folder (``--input dir/x.jpg --output dir`` with a ``dir/x.png``).
 
+    Elsewhere an existing file is replaced only if adc wrote it there, unchanged since (the folder's
+    :class:`~compress.ownership.WriteRecord`): a user's own ``x.png`` (say, the HR ground truth) is refused.
     Two inputs with the same stem (``a.jpg``, ``a.png``) get ``a.png`` and ``a.jpg.png``.
     """
+    from .ownership import WriteRecord
+
+    record = WriteRecord(out_dir)
     sources = {p.resolve() for p in files}
     inodes = {(s.st_dev, s.st_ino) for s in (p.stat() for p in files)}
     input_dirs = {p.parent for p in sources}
@@ -218,6 +236,7 @@ def plan_outputs(root: Path, files: Sequence[Path], out_dir: Path) -> list[Path]
         if real.parent in input_dirs and out.exists():
             raise AdcError(f"refusing to write {out}: the file exists in the input's folder and adc never "
                            f"overwrites files there (choose another --output)")
+        record.check(out, hint="move it away or choose another --output")
         taken.add(real)
         plan.append(out)
     return plan
@@ -268,13 +287,14 @@ def _parser() -> argparse.ArgumentParser:
                         "model name (random weights, for tests)")
     p.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
     p.add_argument("--output", required=True, type=Path,
-                   help="folder for the PNGs: never the input folder, and no existing file in an input's folder "
-                        "is replaced")
+                   help="folder for the PNGs: never the input folder; an existing file there is replaced only if "
+                        "an earlier sr run wrote it (none in an input's folder)")
     p.add_argument("--recursive", action="store_true", help="also read images in subfolders (mirrored in --output)")
-    p.add_argument("--tile", type=int, default=None, metavar="N",
+    p.add_argument("--tile", type=int_in(0, 65536), default=None, metavar="N",
                    help="LR tile side in px (a multiple of the model's 16); 0 or unset = whole image at once")
-    p.add_argument("--overlap", type=int, default=32, metavar="M", help="LR px shared by neighbouring tiles (32)")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--overlap", type=int_in(0, 65536), default=None, metavar="M",
+                   help=f"LR px shared by neighbouring tiles ({DEFAULT_OVERLAP}; unset, at most the tile less 16)")
+    p.add_argument("--batch", type=int_in(1, 4096), default=None,
                    help="tiles per forward pass (default: 4 on a GPU, 1 on a CPU, where batching buys little and "
                         "costs memory)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
@@ -285,7 +305,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="torch (default) or onnxruntime (an .onnx --model, or any other model exported first; "
                         "pip install -e '.[deploy]')")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and onnxruntime (0: torch's default)")
+    p.add_argument("--threads", type=int_in(0, 1024), default=0,
+                   help="CPU threads for torch and onnxruntime (0: torch's default)")
     p.add_argument("--fp16-policy", default="auto", metavar="auto|off|FILE",
                    help="with fp16: which blocks stay fp32. auto (default): those whose fp32 activations on the "
                         "first image exceed 65504/4; FILE: a policy from python -m compress.deploy.fp16; off: none")
@@ -356,6 +377,10 @@ def run(args: argparse.Namespace) -> int:
         raise AdcError(f"--tile {args.tile}: expected a positive number of px (or 0 for no tiling)")
     if args.batch is not None and args.batch < 1:
         raise AdcError(f"--batch {args.batch}: expected >= 1")
+    if args.overlap is not None and args.overlap < 0:
+        raise AdcError(f"--overlap {args.overlap}: expected >= 0 LR px")
+    if args.overlap is not None and args.tile and args.overlap >= args.tile:
+        raise AdcError(f"--overlap {args.overlap}: expected smaller than --tile {args.tile}")
     if args.threads < 0:
         raise AdcError(f"--threads {args.threads}: expected >= 0 (0: torch's default)")
     if args.threads:
@@ -368,6 +393,9 @@ def run(args: argparse.Namespace) -> int:
     created = prepare_output_folder(args.output)  # before minutes of model loading, not after
     try:
         with contextlib.ExitStack() as stack:  # the on-the-fly ONNX export's folder lives until the end
+            from .ownership import FolderLock
+
+            stack.enter_context(FolderLock(args.output, "compress.sr", log))  # one sr run per output folder
             model = _load_backend(args, device, stack, log)
             return _run_files(args, model, files, outputs, log, t0)
     finally:
@@ -378,14 +406,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_files(args: argparse.Namespace, model: nn.Module, files: Sequence[Path], outputs: Sequence[Path],
                log: Callable[[str], None], t0: float) -> int:
+    import torch
     from tqdm import tqdm
 
     from . import inference
-    from .data.images import ImageReadError, read_image, to_chw_tensor
+    from .data.images import ImageReadError, decode_image, to_chw_tensor
     from .deploy.runtime import ExportedSR
     from .inference import Precision, model_device, model_pad_multiple, resolve_precision
+    from .inference.engine import NonFiniteImage
     from .io import WriteError
+    from .ownership import WriteRecord
 
+    record = WriteRecord(args.output)  # each PNG is entered as it is written: a rerun may replace it
+    record.compact()
     tile = args.tile or None
     batch = args.batch or (4 if model_device(model).type == "cuda" else 1)
     exported = isinstance(model, ExportedSR)
@@ -397,12 +430,18 @@ def _run_files(args: argparse.Namespace, model: nn.Module, files: Sequence[Path]
         log(precision.notice)
     policy_needed = precision.name == "fp16" and not exported
     blocks: list[str] | None = None
+    overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
     if tile is not None:  # rounded here once, not once per image inside upscale
         multiple = model_pad_multiple(model)
         rounded = max(multiple, tile // multiple * multiple)
         if rounded != tile:
             log(f"notice: --tile {tile} rounded to {rounded} (a multiple of {multiple})")
         tile = rounded
+        if args.overlap is None:  # the default shrinks with a small tile instead of refusing it
+            overlap = min(DEFAULT_OVERLAP, tile - multiple)
+        elif args.overlap > tile - multiple:
+            raise AdcError(f"--overlap {args.overlap}: expected at most {tile - multiple} (the tile, {tile} after "
+                           f"rounding --tile {args.tile} to a multiple of {multiple}, less one multiple)")
         if exported and model.fix_in_graph:  # the record says the graph colour-matches each call itself
             log(f"warning: {args.model} has the colour fix inside the graph: with --tile it is applied per tile, "
                 "not once over the image (export with --color-fix outside for one global fix)")
@@ -410,19 +449,26 @@ def _run_files(args: argparse.Namespace, model: nn.Module, files: Sequence[Path]
     written = skipped = 0
     for src, dst in zip(tqdm(files, desc="sr", unit="img", file=sys.stderr, disable=None), outputs):
         try:
-            lr = to_chw_tensor(read_image(src))
+            img = decode_image(src)
         except ImageReadError as exc:
             log(f"skipped: {exc}")
             skipped += 1
             continue
+        lr = to_chw_tensor(img.rgb)
+        alpha = None if img.alpha is None else torch.from_numpy(img.alpha)  # kept: upscaled bicubically, RGBA PNG
+        del img
         h, w = lr.shape[-2:]
         if tile is None and max(h, w) > 1024:
             log(f"hint: {src.name} is {w}x{h} and runs untiled; add --tile 512 if memory runs out")
         if policy_needed:
             blocks, policy_needed = _fp16_blocks(args, model, lr, log), False
         try:
-            inference.upscale_to_png(model, lr, dst, tile=tile, overlap=args.overlap, dtype=precision, batch=batch,
-                           progress=True, log=log, name=str(src), fp32_blocks=blocks)
+            inference.upscale_to_png(model, lr, dst, tile=tile, overlap=overlap, dtype=precision, batch=batch,
+                           progress=True, log=log, name=str(src), fp32_blocks=blocks, alpha=alpha, record=record)
+        except NonFiniteImage as exc:  # this image only (the PNG is written atomically: nothing left of it)
+            log(f"skipped: {exc}")
+            skipped += 1
+            continue
         except WriteError as exc:
             raise WriteError(f"{exc}; {written} of {len(files)} images were written before it") from None
         except (RuntimeError, MemoryError) as exc:

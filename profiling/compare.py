@@ -58,6 +58,7 @@ from compress.errors import AdcError
 from compress.io import atomic_path, atomic_write_text
 from compress.profile.pipeline import ModelCounts, count_pipeline
 from compress.profile.latency import LatencyReport, measure_latency
+from compress.config import int_in
 
 __all__ = [
     "ModelSpec",
@@ -955,8 +956,8 @@ def _parser() -> argparse.ArgumentParser:
     from compress.cli import prog
 
     p = argparse.ArgumentParser(prog=prog("compare"), description=__doc__.split("\n")[0])
-    p.add_argument("--lr-size", type=int, default=128, help="LR side for the MAC counts (SR = 4x); reference at 128")
-    p.add_argument("--latency-size", type=int, default=64, help="LR side for the timed runs (small on CPU)")
+    p.add_argument("--lr-size", type=int_in(8, 8192), default=128, help="LR side for the MAC counts (SR = 4x); reference at 128")
+    p.add_argument("--latency-size", type=int_in(8, 8192), default=64, help="LR side for the timed runs (small on CPU)")
     p.add_argument("--device", default="cpu", help="device for the latency runs (cpu, cuda)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="latency dtype")
     p.add_argument("--out", default="adc-compare",
@@ -967,9 +968,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default {','.join(MODEL_ORDER)})")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (a plugin that registers model families); repeatable")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per model (the last measures peak memory)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per model")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the timed runs (0: torch's default)")
+    p.add_argument("--warmup", type=int_in(0, 1000), default=1, help="untimed calls per model (the last measures peak memory)")
+    p.add_argument("--repeats", type=int_in(1, 100000), default=3, help="timed calls per model")
+    p.add_argument("--threads", type=int_in(0, 1024), default=1, help="torch threads for the timed runs (0: torch's default)")
     p.add_argument("--no-latency", action="store_true", help="counts only")
     return p
 

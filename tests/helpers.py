@@ -40,12 +40,5 @@ def tiny_distill_recipe(name: str, data: str, distill: str, tail: str = "") -> s
 
 
 # A structure-only run (the student's records on meta, no weights): what `adc analyse` and `adc compare`
-# take as a run directory, in seconds.
-STUDENT_RUN = """
-name: structure
-device: meta          # a structure-only run: the student's records, no weights (seconds)
-models: {family: osediff, size: tiny}
-task: {lr_size: 32}
-stages:
-  - remove: {init: teacher}
-"""
+# take as a run directory, in seconds. One text for the tests and the reliability benchmark.
+from profiling.hostile import STUDENT_RUN  # noqa: E402,F401

@@ -109,7 +109,7 @@ def test_cli_on_samples_writes_csvs_and_summary(tmp_path, no_pyiqa):
         assert pd.isna(summary.loc[name, "value"])
     md = (out / "summary.md").read_text()
     assert "images: 6" in md and "| LPIPS | - | lower | unavailable (pyiqa not installed) |" in md
-    assert "SR evaluation" in stdout and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert "SR evaluation" in stdout and [p.name for p in out.iterdir() if p.name.startswith(".")] == [".adc-written"]
 
 
 def _bad_input(tmp: Path, case: str) -> tuple[list[str], str]:

@@ -34,7 +34,7 @@ def test_cli_writes_pngs_and_skips_unreadable_files(tmp_path, capsys):
                "--tile", "32", "--overlap", "16", "--device", "cpu"])  # two tiles for a.png
     captured = capsys.readouterr().err
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # PNGs only, no temp files left
+    assert sorted(p.name for p in out.iterdir()) == [".adc-written", "a.png", "b.png"]  # no temp files left
     with Image.open(out / "a.png") as im:
         assert im.size == (164, 108) and im.mode == "RGB"  # exactly 4x the odd 41x27 input
     with Image.open(out / "b.png") as im:

@@ -132,7 +132,7 @@ def test_disk_full_while_writing_is_one_line_and_keeps_earlier_outputs(tmp_path,
     line = _one_error_line(capsys)
     assert line.startswith(f"error: {out / 'b.png'}: cannot write (No space left on device)")
     assert "1 of 3 images were written" in line
-    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # no partial b.png, no temp file
+    assert sorted(p.name for p in out.iterdir()) == [".adc-written", "a.png"]  # no partial b.png, no temp file
 
 
 def test_disk_full_in_the_colour_spill_names_it(tmp_path, monkeypatch):
@@ -266,7 +266,7 @@ def test_odd_image_files_are_read_or_skipped_with_one_line(tmp_path, capsys):
     skipped = sorted(line.split(":")[1].strip().rsplit("/", 1)[-1] for line in err.splitlines()
                      if line.startswith("skipped:"))
     assert skipped == ["cut.png", "empty.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["deep.png", "gray.png", "palette.png", "rgba.png"]
-    for p in out.iterdir():
+    assert sorted(p.name for p in out.iterdir()) == [".adc-written", "deep.png", "gray.png", "palette.png", "rgba.png"]
+    for p in out.glob("*.png"):
         with Image.open(p) as im:
-            assert im.mode == "RGB" and im.size == (80, 56)
+            assert im.mode == ("RGBA" if p.name == "rgba.png" else "RGB") and im.size == (80, 56)  # alpha kept

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdcError
+from ..config import int_in
 
 
 def _unet_inputs(unet: Any, lr: int) -> dict:
@@ -52,14 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--component", default=None, help="analyse one component of the model alone (e.g. unet)")
     p.add_argument("--size", default=None,
                    help="full or tiny widths (built on meta either way); default full, or the run's size")
-    p.add_argument("--lr-size", type=int, default=None,
+    p.add_argument("--lr-size", type=int_in(8, 8192), default=None,
                    help="side of the LR input; default 128 (-> 512 SR), or the run's task.lr_size")
     p.add_argument("--prompt", default=None,
                    help="prompt policy: dropped, fixed or variable; default dropped, or the run's task.prompt")
     p.add_argument("--out", required=True, help="Markdown report path")
     p.add_argument("--csv", default=None, help="per-module CSV path (default: --out with .csv)")
     p.add_argument("--no-groups", action="store_true", help="skip the torch-pruning groups")
-    p.add_argument("--min-side", type=int, default=16, help="smallest side of 4-D inputs when tracing pruning groups")
+    p.add_argument("--min-side", type=int_in(1, 4096), default=16, help="smallest side of 4-D inputs when tracing pruning groups")
     return p
 
 

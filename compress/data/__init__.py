@@ -1,11 +1,29 @@
-"""Data layer: image reading, HR crop / paired datasets, and the Real-ESRGAN degradation."""
+"""Data layer: image reading, HR crop / paired datasets, and the Real-ESRGAN degradation.
 
-from .datasets import HRCropDataset, PairedFolderDataset
-from .degradation import DegradationConfig, PairPool, RealESRGANDegradation
-from .images import IMAGE_EXTENSIONS, ImageReadError, SkippedImages, list_images, read_image
-from .jpeg import jpeg_pil, jpeg_torch
+Names are resolved lazily (PEP 562): ``compress.data.images`` (the one image reader) needs no
+torch, so evaluate can check its images before paying for it.
+"""
 
-__all__ = [
-    "HRCropDataset", "PairedFolderDataset", "DegradationConfig", "PairPool", "RealESRGANDegradation",
-    "IMAGE_EXTENSIONS", "ImageReadError", "SkippedImages", "list_images", "read_image", "jpeg_pil", "jpeg_torch",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "HRCropDataset": "datasets", "PairedFolderDataset": "datasets",
+    "DegradationConfig": "degradation", "PairPool": "degradation", "RealESRGANDegradation": "degradation",
+    "IMAGE_EXTENSIONS": "images", "ImageReadError": "images", "SkippedImages": "images", "list_images": "images",
+    "read_image": "images", "decode_image": "images", "jpeg_pil": "jpeg", "jpeg_torch": "jpeg",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

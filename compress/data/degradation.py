@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from ..config import ranged
 from ..errors import AdcError
 from .jpeg import jpeg_pil, jpeg_torch
 from .kernels import (KERNEL_TYPES, Draw, KernelSpec, filter2d, random_final_sinc, random_kernel,
@@ -52,8 +53,8 @@ _REFUSED_KEYS = {
 class DegradationConfig:
     """All parameters of the degradation; defaults are AdcSR's ``config.yml`` (= S3Diff's)."""
 
-    scale: int = 4
-    gt_size: int = 512  # HR crop size for the dataset; the degradation itself accepts any size
+    scale: int = ranged(4, 1, 16)
+    gt_size: int = ranged(512, 16, 8192)  # HR crop size for the dataset; the degradation itself accepts any size
     # first degradation
     kernel_list: tuple[str, ...] = KERNEL_TYPES
     kernel_prob: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
@@ -61,32 +62,32 @@ class DegradationConfig:
     blur_sigma: tuple[float, float] = (0.2, 1.5)
     betag_range: tuple[float, float] = (0.5, 2.0)
     betap_range: tuple[float, float] = (1.0, 1.5)
-    sinc_prob: float = 0.1
+    sinc_prob: float = ranged(0.1, 0, 1)
     resize_prob: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
     resize_range: tuple[float, float] = (0.3, 1.5)
-    gaussian_noise_prob: float = 0.5
+    gaussian_noise_prob: float = ranged(0.5, 0, 1)
     noise_range: tuple[float, float] = (1.0, 15.0)  # sigma on the 0-255 scale
     poisson_scale_range: tuple[float, float] = (0.05, 2.0)
-    gray_noise_prob: float = 0.4
+    gray_noise_prob: float = ranged(0.4, 0, 1)
     jpeg_range: tuple[float, float] = (60.0, 95.0)
     # second degradation
-    second_blur_prob: float = 0.5
+    second_blur_prob: float = ranged(0.5, 0, 1)
     kernel_list2: tuple[str, ...] = KERNEL_TYPES
     kernel_prob2: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
     kernel_range2: tuple[int, int] = (7, 21)
     blur_sigma2: tuple[float, float] = (0.2, 1.0)
     betag_range2: tuple[float, float] = (0.5, 2.0)
     betap_range2: tuple[float, float] = (1.0, 1.5)
-    sinc_prob2: float = 0.1
+    sinc_prob2: float = ranged(0.1, 0, 1)
     resize_prob2: tuple[float, float, float] = (0.3, 0.4, 0.3)
     resize_range2: tuple[float, float] = (0.6, 1.2)
-    gaussian_noise_prob2: float = 0.5
+    gaussian_noise_prob2: float = ranged(0.5, 0, 1)
     noise_range2: tuple[float, float] = (1.0, 12.0)
     poisson_scale_range2: tuple[float, float] = (0.05, 1.0)
-    gray_noise_prob2: float = 0.4
+    gray_noise_prob2: float = ranged(0.4, 0, 1)
     jpeg_range2: tuple[float, float] = (60.0, 100.0)
     # final step
-    final_sinc_prob: float = 0.8
+    final_sinc_prob: float = ranged(0.8, 0, 1)
     final_kernel_range: tuple[int, int] = (7, 21)
     resize_modes: tuple[str, ...] = ("area", "bilinear", "bicubic")
     jpeg_backend: str = "torch"

@@ -39,12 +39,13 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import AdcError
+from ..errors import AdcError, short_repr
 from ..inference.engine import color_fix_off
 from ..inference.padding import model_pad_multiple
 from ..zoo.adcsr import match_color
 from .record import (COLOR_FIX_RUNS, DEFAULT_EXPORTER, DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS, EXPORTERS,
-                     RECORD_FILE, RECORD_FORMAT, RECORD_KEY, default_path, read_export_record)
+                     OPSETS, PROGRAM_MIN_BLOCKS, RECORD_FILE, RECORD_FORMAT, RECORD_KEY, check_export_target, default_path,
+                     read_export_record)
 
 __all__ = ["EXPORT_FORMATS", "EXPORTERS", "DEFAULT_EXPORTER", "RECORD_KEY", "RECORD_FILE", "ExportResult", "SRGraph",
            "export_model", "read_export_record", "parity_inputs", "default_path"]
@@ -105,12 +106,14 @@ def _color_fix_mode(model: nn.Module, color_fix: str | None) -> str:
     return color_fix
 
 
-def parity_inputs(lr_size: tuple[int, int], dynamic: bool, multiple: int, seed: int = 0) -> list[torch.Tensor]:
-    """Seeded random LRs in [-1, 1]: the export size, and for a dynamic graph also half its height."""
+def parity_inputs(lr_size: tuple[int, int], dynamic: bool, multiple: int, seed: int = 0,
+                  min_side: int | None = None) -> list[torch.Tensor]:
+    """Seeded random LRs in [-1, 1]: the export size, and for a dynamic graph also half its height
+    (not below ``min_side``, default one ``multiple``)."""
     g = torch.Generator().manual_seed(seed)
     sizes = [lr_size]
     if dynamic:
-        half = max(multiple, lr_size[0] // 2 // multiple * multiple)
+        half = max(min_side or multiple, lr_size[0] // 2 // multiple * multiple)
         sizes.append((half if half != lr_size[0] else lr_size[0] + multiple, lr_size[1]))
     return [torch.rand(1, 3, h, w, generator=g) * 2 - 1 for h, w in sizes]
 
@@ -213,7 +216,9 @@ def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor
 def _export_program(graph: SRGraph, example: torch.Tensor, dynamic: bool, multiple: int):
     dyn = None
     if dynamic:
-        h, w = torch.export.Dim("lr_h_blocks", min=1), torch.export.Dim("lr_w_blocks", min=1)
+        # at least two blocks a side: torch.export specialises a side of one block away (a guard fails
+        # at run time); the runtime pads smaller LRs up to ``min_lr_side`` and crops the output back
+        h, w = (torch.export.Dim(f"lr_{side}_blocks", min=PROGRAM_MIN_BLOCKS) for side in "hw")
         dyn = {"lr": {2: multiple * h, 3: multiple * w}}
     return torch.export.export(graph, (example,), dynamic_shapes=dyn, strict=False)
 
@@ -241,9 +246,14 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
         raise AdcError(f"--format {format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     if exporter not in EXPORTERS:
         raise AdcError(f"--exporter {exporter!r}: expected one of {', '.join(EXPORTERS)}")
+    low, high = OPSETS[exporter]
+    if format == "onnx" and not (isinstance(opset, int) and low <= opset <= high):
+        raise AdcError(f"--opset {short_repr(opset)}: the {exporter} exporter writes opsets {low} to {high} "
+                       f"for this model (default {DEFAULT_OPSET})")
     path = Path(path)
     if path.suffix != EXPORT_FORMATS[format]:
         raise AdcError(f"{path}: a {format} file must end in {EXPORT_FORMATS[format]}")
+    check_export_target(path)  # an existing file is replaced only if it is an export of adc's
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         raise AdcError("export_model: the model must be fp32 on the CPU (export once, run anywhere)")
     multiple = model_pad_multiple(model)
@@ -253,7 +263,11 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
         _require_onnx(False)
 
     model.eval()
-    inputs = parity_inputs(size, dynamic, multiple)
+    min_side = multiple * (PROGRAM_MIN_BLOCKS if format == "torch-export" and dynamic else 1)
+    if size[0] < min_side or size[1] < min_side:
+        raise AdcError(f"--lr-size {size[0]}x{size[1]}: a dynamic .pt2 is exported from an LR of at least "
+                       f"{min_side}x{min_side}")
+    inputs = parity_inputs(size, dynamic, multiple, min_side=min_side)
     t0 = time.perf_counter()
     with color_fix_off(model), torch.no_grad():
         graph = SRGraph(model, fix == "inside").eval()
@@ -265,7 +279,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str = "onnx"
             "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
             "export_format": format, "lr_size": list(size), "dynamic": dynamic,
             "dynamic_sides": f"any multiple of {multiple}" if dynamic else None, "batch": 1,
-            "pad_multiple": multiple, "scale": scale, "color_fix": fix, "color_fix_runs": COLOR_FIX_RUNS[fix],
+            "pad_multiple": multiple, "min_lr_side": min_side, "scale": scale, "color_fix": fix,
+            "color_fix_runs": COLOR_FIX_RUNS[fix],
             "input": {"name": "lr", "shape": ["1", "3", "h", "w"], "dtype": "float32", "range": "[-1, 1]"},
             "output": {"name": "sr", "shape": ["1", "3", f"{scale}h", f"{scale}w"], "dtype": "float32",
                        "range": "[-1, 1] (not clamped)"},

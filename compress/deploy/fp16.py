@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..cli import run_cli
+from ..config import float_in, int_in
 from ..errors import AdcError
 from ..inference.fp16 import DEFAULT_SAFETY, FP16_MAX, ModuleRange, calibrate, keep_fp32, residual_units
 from ..inference.padding import model_pad_multiple
@@ -173,11 +174,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="store_true", help="measure the run's teacher (trained or shipped) instead of its student")
     p.add_argument("--input", type=Path, default=None,
                    help="LR images (default: ../shared/data/realsr/LR, else data/samples/realsr/LR)")
-    p.add_argument("--max-images", type=int, default=20)
-    p.add_argument("--crop", type=int, default=128, help="centre crop side in LR px (128: RealSR's size)")
-    p.add_argument("--safety", type=float, default=DEFAULT_SAFETY, help="keep units above 65504 / SAFETY in fp32 (4)")
+    p.add_argument("--max-images", type=int_in(1, 100000), default=20)
+    p.add_argument("--crop", type=int_in(16, 8192), default=128, help="centre crop side in LR px (128: RealSR's size)")
+    p.add_argument("--safety", type=float_in(1.0, 1e6), default=DEFAULT_SAFETY, help="keep units above 65504 / SAFETY in fp32 (4)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int_in(0, 1024), default=0)
     p.add_argument("--check", action="store_true", help="also run fp16 autocast with and without the policy")
     p.add_argument("--out", type=Path, default=None, help="Markdown report (default: print it)")
     p.add_argument("--policy", type=Path, default=None, help="write the policy JSON for compress.sr --fp16-policy")

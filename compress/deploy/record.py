@@ -15,7 +15,8 @@ from typing import Any
 from ..errors import AdcError
 
 __all__ = ["EXPORT_FORMATS", "EXPORTERS", "DEFAULT_EXPORTER", "DEFAULT_OPSET", "DEFAULT_TOLERANCE", "RECORD_KEY",
-           "RECORD_FILE", "RECORD_FORMAT", "COLOR_FIX_RUNS", "default_path", "read_export_record"]
+           "RECORD_FILE", "RECORD_FORMAT", "COLOR_FIX_RUNS", "OPSETS", "PROGRAM_MIN_BLOCKS", "check_export_target",
+           "default_path", "read_export_record"]
 
 EXPORT_FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 EXPORTERS = ("torchscript", "dynamo")  # ONNX only: the TorchScript exporter or torch.onnx.export(dynamo=True)
@@ -26,6 +27,13 @@ RECORD_KEY = "adc"  # ONNX metadata_props key holding the JSON record
 RECORD_FILE = "adc.json"  # extra file inside a .pt2
 RECORD_FORMAT = "adc-export"
 DEFAULT_OPSET = 18
+# ONNX opsets each exporter writes for these models (torch 2.13): the TorchScript exporter stops at 20
+# (torch.onnx's ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET) and needs 14 for scaled_dot_product_attention;
+# dynamo writes 18 to 23 (below 18 it wrote opset 18 anyway, without a word).
+OPSETS = {"torchscript": (14, 20), "dynamo": (18, 23)}
+# A dynamic .pt2 runs LR sides of at least this many pad multiples: torch.export specialises a side of
+# one block away, so a 16-pixel LR would fail a guard inside the program (ONNX has no such limit).
+PROGRAM_MIN_BLOCKS = 2
 # Max abs difference to eager fp32 in the [-1, 1] output: an eighth of one 8-bit level (2/255), so the
 # written PNG can differ only where a value sits on a rounding boundary. 1e-4 was tighter than fp32 holds:
 # at LR 16 px with the colour fix inside, eager fp32 itself is 1.7e-4 from fp64 (tests/test_deploy_export.py).
@@ -43,6 +51,27 @@ def default_path(stem: str, fmt: str, lr_size: tuple[int, int], dynamic: bool, c
     size = "dyn" if dynamic else f"{lr_size[0]}x{lr_size[1]}"
     fix = {"inside": "fix", "outside": "nofix", "none": "raw"}[color_fix]
     return Path("exports") / f"{stem}-{size}-{fix}{EXPORT_FORMATS[fmt]}"
+
+
+def check_export_target(path: str | os.PathLike) -> None:
+    """Refuse (one line naming it) to replace an existing file at ``path``, or its ``NAME.data``
+    weights, unless that is an export of adc's: the file carries its record, the proof it was written
+    by compress.export (:func:`compress.ownership.check_replace`)."""
+    from ..ownership import check_replace
+
+    path = Path(path)
+    hint = "move it away or choose another --out"
+
+    def exported(p: Path) -> bool:
+        try:
+            read_export_record(p)
+        except AdcError:
+            return False
+        return True
+
+    check_replace(path, proof=exported, hint=hint)
+    if not os.path.lexists(path):  # weights beside no export of adc's: not its own
+        check_replace(path.with_name(path.name + ".data"), hint=hint)
 
 
 def read_export_record(path: str | os.PathLike) -> dict[str, Any]:

@@ -16,6 +16,7 @@ not a multiple of 16) and a tiled one gets it per tile (``compress.sr`` says so 
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import AdcError
+from ..inference.padding import reflect_pad_to_min
+from ..io import refused_pickle, weights_only_loads
 from ..zoo.adcsr import match_color
 from .record import read_export_record
 
@@ -46,6 +49,8 @@ class ExportedSR(nn.Module):
         self.graph_color_fix = record.get("color_fix", "none")
         self.dynamic = bool(record.get("dynamic"))
         self.lr_size = tuple(record.get("lr_size", ()))
+        # a dynamic .pt2 runs sides of at least two blocks (record ``min_lr_side``); smaller LRs are padded
+        self.min_lr_side = int(record.get("min_lr_side") or self.config.pad_multiple) if self.dynamic else 0
         self._fix = self.graph_color_fix != "none"
 
     @property
@@ -86,9 +91,10 @@ class ExportedSR(nn.Module):
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         self._check_shape(lr)
         dev = lr.device
-        x = lr.detach().float().cpu()
+        x, (h, w) = reflect_pad_to_min(lr.detach().float().cpu(), self.min_lr_side)
         # batch 1 graphs: one call per image
-        sr = torch.cat([self.run(x[i:i + 1].contiguous()) for i in range(x.shape[0])]).to(dev)
+        sr = torch.cat([self.run(x[i:i + 1].contiguous()) for i in range(x.shape[0])])
+        sr = sr[..., :self.scale * h, :self.scale * w].to(dev)
         if self.color_fix:
             sr = match_color(sr, lr.float())
         return sr
@@ -140,7 +146,10 @@ class ProgramSR(ExportedSR):
     def __init__(self, path: Path, record: dict[str, Any]):
         super().__init__(path, record)
         try:
-            program = torch.export.load(str(path))
+            with weights_only_loads():  # a .pt2 never runs code on load, on any of torch's paths
+                program = torch.export.load(str(path))
+        except pickle.UnpicklingError as exc:
+            raise refused_pickle(path, exc, "a pickle in the archive") from None
         except Exception as exc:  # torch raises several types for a bad archive
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise AdcError(f"{path}: torch.export.load failed ({first})") from None

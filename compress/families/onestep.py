@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import AdcError
 from .base import DistillParts, ModelFamily, StudentParts, check_paths
 from .sd import DecodeInput, FixedPrompt, RealLatent, base_copy
+from ..config import ranged
 
 
 @dataclass
@@ -40,9 +41,9 @@ class OneStepWeights:
 
 @dataclass
 class OneStepOptions:
-    timestep: int = 999
+    timestep: int = ranged(999, 0, 999)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None  # None: the scheduler config's
-    scale: int = 4
+    scale: int = ranged(4, 1, 16)
     upscale: Literal["bicubic", "bilinear"] = "bicubic"
     latent: Literal["mode", "sample"] = "mode"
     prompt: str | None = None   # a fixed prompt (needs text_encoder/ and tokenizer/); None: zero embedding

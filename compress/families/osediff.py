@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import AdcError
 from .base import DistillParts, ModelFamily, PipelineSpec, StudentParts, check_paths
 from .sd import DecodeInput, RealLatent, merged_copy
+from ..config import ranged
 
 def dataclass_fields(cls) -> set[str]:
     return {f.name for f in _fields(cls)}
@@ -73,9 +74,9 @@ class OSEDiffOptions:
     """How the teacher is evaluated (OSEDiff's test script by default) and prompted."""
 
     eval_latent: Literal["sample", "mode"] = "sample"   # test_osediff.py samples latent_dist
-    eval_seed: int = 42                                 # the script's --seed, here used to seed that sample
+    eval_seed: int = ranged(42, 0, 2**32 - 1)  # the script's --seed, here used to seed that sample
     eval_color_fix: Literal["adain", "wavelet", "none"] = "adain"
-    process_size: int = 512                             # inputs smaller than process_size/4 are enlarged first
+    process_size: int = ranged(512, 16, 8192)  # inputs smaller than process_size/4 are enlarged first
     user_prompt: str = ""                               # test_osediff.py --prompt
 
     def validate(self, path: str) -> None:

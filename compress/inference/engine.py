@@ -33,6 +33,8 @@ from ..log import get_logger
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..ownership import WriteRecord
+
 logger = get_logger(__name__)
 Log = Callable[[str], None]
 
@@ -64,6 +66,11 @@ def color_fix_off(model: nn.Module) -> Iterator[bool]:
         model.color_fix = was
 
 
+class NonFiniteImage(AdcError):
+    """NaN/inf in one image's LR pixels, or in the model's output for it even in fp32: that image is
+    lost, the others may be fine (so :mod:`compress.sr` skips it and goes on)."""
+
+
 def _forward_finite(model: nn.Module, tiles: torch.Tensor, prec: Precision, device: torch.device,
                     log: Log, where: str) -> tuple[torch.Tensor, Precision]:
     """One batch of tiles; rerun one precision step up while the output is not finite."""
@@ -74,7 +81,7 @@ def _forward_finite(model: nn.Module, tiles: torch.Tensor, prec: Precision, devi
             return out.float(), prec
         nxt = prec.fallback(device)
         if nxt is None:
-            raise AdcError(f"{where}: the model output is not finite even in fp32 (broken weights?)")
+            raise NonFiniteImage(f"{where}: non-finite model output even in fp32 (broken weights?)")
         log(f"notice: {where}: {prec.name} gave non-finite values; rerunning in {nxt.name}")
         prec = nxt
 
@@ -171,6 +178,11 @@ class _Job:
     def bands(self, lr1: torch.Tensor, where: str) -> tuple[Iterator[torch.Tensor], ChannelStats | None]:
         """(SR row bands of one (1,3,h,w) LR in [0, 1], the colour statistics of the LR in [-1, 1] if
         the colour fix is on)."""
+        finite = torch.isfinite(lr1)
+        if not finite.all():  # else every precision fails, and the message would blame the weights
+            bad = int(finite.numel() - finite.sum())
+            raise NonFiniteImage(f"{where}: non-finite input pixels ({bad} NaN or inf values)")
+        del finite
         ref = None
         if self.fix:
             ref = ChannelStats(lr1.shape[1])
@@ -299,7 +311,8 @@ def upscale_to_png(model: nn.Module, lr: torch.Tensor, path: str | os.PathLike, 
                    overlap: int = 32, dtype: str | torch.dtype | Precision | None = "fp32",
                    device: str | torch.device | None = None, *, batch: int = 4, color_fix: bool | None = None,
                    progress: bool = False, log: Log | None = None, name: str = "image",
-                   ram_bytes: int = 256 * 2**20, fp32_blocks: Sequence[str] | None = None) -> tuple[int, int]:
+                   ram_bytes: int = 256 * 2**20, fp32_blocks: Sequence[str] | None = None,
+                   alpha: torch.Tensor | None = None, record: WriteRecord | None = None) -> tuple[int, int]:
     """Super-resolve one LR (3,h,w) in [0, 1] straight into an RGB PNG at ``path``; returns (height, width).
 
     The pixels are exactly those of ``upscale(...)`` saved as 8-bit PNG, but memory is bounded by
@@ -309,27 +322,37 @@ def upscale_to_png(model: nn.Module, lr: torch.Tensor, path: str | os.PathLike, 
     unnamed temp file beside ``path`` (4 bytes per value: 2.3 GB for a 16000x12000 output), and
     are mapped and written once the statistics are complete. The PNG is written atomically;
     a failed write (disk full, ...) is one :class:`~compress.io.WriteError` line and leaves nothing.
-    ``fp32_blocks``: as in :func:`upscale`.
+    ``fp32_blocks``: as in :func:`upscale`. ``alpha``: the LR's (h,w) alpha in [0, 1]; it is upscaled
+    bicubically (not by the model, which knows only RGB) and the PNG is RGBA. ``record``: the output
+    folder's :class:`~compress.ownership.WriteRecord`; an existing file it does not list is refused, the new one entered.
     """
     from ..io import atomic_path, write_fault
     from .png import PngWriter
 
     log = log or logger.warning
     _check_lr(lr, batch, ndims=(3,))
+    if alpha is not None and (not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != tuple(lr.shape[-2:])):
+        shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+        raise AdcError(f"upscale_to_png: alpha must be a tensor of the LR's size {tuple(lr.shape[-2:])}, got {shape}")
     path = Path(path)
     job = _Job(model, lr, tile, overlap, dtype, device, batch, color_fix, log, name, progress)
     with torch.no_grad(), color_fix_off(model), _fp32_guard(model, fp32_blocks, job), \
-            atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            atomic_path(path, record) as tmp, open(tmp, "wb") as fh:
         bands, ref = job.bands(lr[None], name)
         h, w = lr.shape[-2:]
         writer: PngWriter | None = None
         spill: _Spill | None = None
 
         def write(band: torch.Tensor, cmap: ColorMap | None) -> PngWriter:
-            out = writer or PngWriter(fh, w * job.state.scale, h * job.state.scale, channels=band.shape[0])
+            channels = band.shape[0] + (alpha is not None)
+            out = writer or PngWriter(fh, w * job.state.scale, h * job.state.scale, channels=channels)
             if cmap is not None:
                 cmap.apply_(band)
-            out.write(to_uint8_rows(band.add_(1).mul_(0.5).clamp_(0, 1)))
+            band = band.add_(1).mul_(0.5).clamp_(0, 1)
+            if alpha is not None:
+                rows = _alpha_rows(alpha, job.state.scale, out.rows_written, band.shape[1])
+                band = torch.cat([band, rows.to(band.device)])
+            out.write(to_uint8_rows(band))
             return out
 
         try:
@@ -361,6 +384,19 @@ def upscale_to_png(model: nn.Module, lr: torch.Tensor, path: str | os.PathLike, 
             if spill is not None:
                 spill.close()
         return writer.height, writer.width
+
+
+def _alpha_rows(alpha: torch.Tensor, scale: int, top: int, rows: int) -> torch.Tensor:
+    """Rows [top, top + rows) of ``alpha`` (h,w) upscaled bicubically by ``scale``, as (1, rows, s*w) in [0, 1].
+
+    Only the LR rows those outputs read (bicubic: 2 each side) are interpolated, so memory stays one
+    band, and the values are those of interpolating the whole alpha at once (same source coordinates).
+    """
+    lo = max(0, top // scale - 2)
+    hi = min(alpha.shape[0], -(-(top + rows) // scale) + 2)
+    part = torch.nn.functional.interpolate(alpha[None, None, lo:hi].float(), scale_factor=scale, mode="bicubic",
+                                           align_corners=False)
+    return part[0, :, top - lo * scale:top - lo * scale + rows].clamp_(0, 1)
 
 
 def _gb(spill: _Spill) -> str:

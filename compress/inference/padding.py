@@ -56,6 +56,20 @@ def reflect_pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tenso
     return x, (h, w)
 
 
+def reflect_pad_to_min(x: torch.Tensor, min_side: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad (B, C, h, w) on the bottom and right so that both sides are at least ``min_side``; return it and (h, w).
+
+    For graphs that cannot run below a size (a dynamic ``torch.export`` program specialises a
+    side of one block away); the output is cropped back to ``scale * (h, w)`` like the multiple padding.
+    """
+    h, w = x.shape[-2:]
+    if h < min_side:
+        x = _reflect_1d(x, -2, min_side - h)
+    if w < min_side:
+        x = _reflect_1d(x, -1, min_side - w)
+    return x, (h, w)
+
+
 def reflect_index(size: int, multiple: int) -> torch.Tensor:
     """Source index of every position of an axis of ``size`` padded by :func:`reflect_pad_to_multiple`.
 

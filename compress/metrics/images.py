@@ -1,7 +1,9 @@
-"""Reading images the way pyiqa does, and listing image folders.
+"""Reading images for the metrics, and listing image folders.
 
-Why: the scores only match the published ones if pixels reach the metric exactly as
-pyiqa's ``imread2tensor`` delivers them (PIL, converted to RGB, uint8 / 255 in float32).
+Why: the scores only match the published ones if 8-bit RGB pixels reach the metric exactly as
+pyiqa's ``imread2tensor`` delivers them (uint8 / 255 in float32); :func:`load_image` uses adc's
+one reader (:func:`compress.data.images.decode_image`), which gives exactly that, and also keeps
+16-bit files' precision and applies EXIF orientation, where ``convert("RGB")`` clips and ignores them.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import os
 from pathlib import Path
 
 from typing import TYPE_CHECKING
-
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import AdcError
 
@@ -44,16 +44,16 @@ def list_images(folder: str | os.PathLike, role: str = "image") -> list[Path]:
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """1x3xHxW float32 tensor in [0, 1] (PIL -> RGB -> uint8 / 255, as pyiqa's imread2tensor)."""
-    import numpy as np  # here, not at the top: listing folders must not pay for torch
-    import torch
+    """1x3xHxW float32 tensor in [0, 1] (8-bit: uint8 / 255, as pyiqa's imread2tensor); alpha dropped."""
+    return load_image_alpha(path)[0]
+
+
+def load_image_alpha(path: str | os.PathLike) -> tuple[torch.Tensor, bool]:
+    """(:func:`load_image`'s tensor, whether the file had an alpha channel, which the tensor leaves out)."""
+    from ..data.images import decode_image, to_chw_tensor
 
     path = Path(path)
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise AdcError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise AdcError(f"{path}: unreadable image ({type(exc).__name__}: {str(exc)[:120]})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).to(torch.float32).div(255.0)
+    if not path.exists():
+        raise AdcError(f"{path}: file not found")
+    img = decode_image(path)  # an ImageReadError (an AdcError) names the file and the cause
+    return to_chw_tensor(img.rgb)[None], img.alpha is not None

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
-from ..config import check_range, from_dict
+from ..config import ranged, check_range, from_dict
 from ..errors import AdcError
 from ..zoo.adcsr import GN_DIVISORS, first_divisor
 from ._common import (ModuleChange, TransformRecord, check_pattern, count_params, describe, match_names,
@@ -60,7 +60,7 @@ Side = Literal["in", "out", "both"]
 class ChannelPruneConfig:
     """How to prune. Ratios are fractions of channels *removed* per dependency group, in [0, 1)."""
 
-    pruning_ratio: float = 0.25
+    pruning_ratio: float = ranged(0.25, 0.0, 0.99)
     importance: Importance = "magnitude"
     # pattern -> ratio for the groups whose output channels include a matching module; the first
     # matching pattern (in order) wins. Example: {"*.ff.net.0.proj": 0.5, "up_blocks.3.*": 0.0}
@@ -68,14 +68,15 @@ class ChannelPruneConfig:
     gn_policy: GnPolicy = "keep_groups"
     divisors: tuple[int, ...] = GN_DIVISORS  # for gn_policy="first_divisor"
     attention: Literal["head_dims", "heads", "off"] = "head_dims"
-    head_ratio: float | None = None  # attention="heads": fraction of heads removed (default: the group ratio)
+    # attention="heads": fraction of heads removed (default: the group ratio)
+    head_ratio: float | None = ranged(None, 0.0, 0.99)
     attention_scale: ScalePolicy = "keep"
     # interface layers and which side of them is fixed: "in" (its input channels), "out", "both"
     interfaces: dict[str, Side] = field(default_factory=lambda: {"conv_in": "in", "conv_out": "out"})
     ignore: tuple[str, ...] = ()  # modules kept at their full shape (both sides)
-    round_to: int | None = None  # only for groups with no GroupNorm and no attention heads
+    round_to: int | None = ranged(None, 1, 4096)  # only for groups with no GroupNorm and no attention heads
     taylor_multivariable: bool = False
-    magnitude_p: int = 2
+    magnitude_p: int = ranged(2, 1, 8)
 
     def validate(self, path: str = "prune") -> None:
         check_range(self.pruning_ratio, 0.0, 1.0, f"{path}.pruning_ratio", hi_open=True)

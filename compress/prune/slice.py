@@ -18,7 +18,7 @@ from typing import Literal
 
 from torch import nn
 
-from ..config import check_range
+from ..config import ranged, check_range
 from ..errors import AdcError
 from ..zoo.adcsr import GN_DIVISORS, first_divisor
 from ._common import (ModuleChange, TransformRecord, count_params, describe, rebuild_conv, rebuild_group_norm,
@@ -33,7 +33,7 @@ GnPolicy = Literal["first_divisor", "keep_groups", "keep_group_size"]
 class SliceConfig:
     """Recipe form of :func:`slice_width`'s arguments (``ratio_keep`` = fraction of channels kept)."""
 
-    ratio_keep: float = 0.75
+    ratio_keep: float = ranged(0.75, 0.01, 1.0)
     gn_policy: GnPolicy = "first_divisor"
     divisors: tuple[int, ...] = GN_DIVISORS
     attention_scale: ScalePolicy = "sdpa"

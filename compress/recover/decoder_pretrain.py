@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..config import from_dict, to_dict
+from ..config import ranged, from_dict, to_dict
 from ..errors import AdcError
 from ..log import get_logger
 from ..io import atomic_torch_save, atomic_write_json, save_safetensors
@@ -50,23 +50,23 @@ class PretrainDecoderConfig:
     """Stage-1 settings. Defaults follow the LDM autoencoder recipe where AdcSR is silent."""
 
     train_hr: list[Path] = field(default_factory=list)   # HR folders (searched recursively)
-    crop: int = 256
+    crop: int = ranged(256, 16, 8192)
     hflip: bool = True
     init: Literal["pruned", "scratch"] = "pruned"        # keep the caller's (pruned) weights, or re-initialise
-    lr: float = 1e-4
+    lr: float = ranged(1e-4, 1e-12, 1.0)
     betas: tuple[float, float] = (0.5, 0.9)
-    disc_lr: float = 1e-4
-    l1_weight: float = 1.0
-    lpips_weight: float = 1.0
+    disc_lr: float = ranged(1e-4, 1e-12, 1.0)
+    l1_weight: float = ranged(1.0, 0, 1e6)
+    lpips_weight: float = ranged(1.0, 0, 1e6)
     lpips_net: Literal["vgg", "alex"] = "vgg"
-    adv_weight: float = 0.5
+    adv_weight: float = ranged(0.5, 0, 1e6)
     adv_loss: Literal["hinge", "non_saturating"] = "hinge"
-    disc_start: int = 50_001                              # LDM starts D late: reconstruction first
-    disc_width: int = 64
-    disc_layers: int = 3
+    disc_start: int = ranged(50_001, 0, 10**9)                              # LDM starts D late: reconstruction first
+    disc_width: int = ranged(64, 1, 4096)
+    disc_layers: int = ranged(3, 1, 16)
     keep_best: bool = True        # return the weights with the best validation PSNR-Y (step 0 included)
-    val_every: int = 50           # validate every N steps (and before the first, after the last)
-    val_images: int = 8           # centre crops of the first N training HR files (sorted): the validation set
+    val_every: int = ranged(50, 1, 10**9)           # validate every N steps (and before the first, after the last)
+    val_images: int = ranged(8, 1, 100000)  # centre crops of the first N training HR files (sorted): the validation set
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     # Unknown for AdcSR (stage 1 is unreleased); [3RD]: 250 K + 250 K steps. Per-GPU batch 4 x 8 GPUs.

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..config import from_dict, to_dict
+from ..config import ranged, from_dict, to_dict
 from ..errors import AdcError
 from ..log import get_logger
 from ..io import atomic_torch_save, atomic_write_json, save_safetensors
@@ -170,38 +170,38 @@ class DistillConfig:
     """Stage-2 settings; defaults are AdcSR's ``train.py`` (steps, batch and decay in engine/here)."""
 
     train_hr: list[Path] = field(default_factory=list)
-    crop: int = 512
+    crop: int = ranged(512, 16, 8192)
     hflip: bool = True
-    lr_g: float = 1e-4
+    lr_g: float = ranged(1e-4, 1e-12, 1.0)
     betas_g: tuple[float, float] = (0.9, 0.999)
     lr_milestones: list[int] = field(default_factory=lambda: [100_000])
-    lr_gamma: float = 0.5
-    lr_d: float = 1e-6
+    lr_gamma: float = ranged(0.5, 1e-06, 1.0)
+    lr_d: float = ranged(1e-6, 1e-12, 1.0)
     betas_d: tuple[float, float] = (0.9, 0.999)
     feature_loss: Literal["l1", "mse", "smooth_l1"] = "l1"
-    feature_weight: float = 1.0
-    adv_weight: float = 1.0                    # 0 = no discriminator
+    feature_weight: float = ranged(1.0, 0, 1e6)
+    adv_weight: float = ranged(1.0, 0, 1e6)  # 0 = no discriminator
     adv_loss: Literal["non_saturating", "hinge"] = "non_saturating"
-    adv_start: int = 1                         # first step with the adversarial terms
+    adv_start: int = ranged(1, 0, 10**9)  # first step with the adversarial terms
     prompt: Literal["dape", "fixed", "empty"] = "dape"
     prompt_text: str = ""                      # for prompt: fixed (needs the teacher's tokenizer)
-    lora_rank: int = 4
+    lora_rank: int = ranged(4, 1, 4096)
     degradation: dict[str, Any] = field(default_factory=dict)
     # Options beside AdcSR's objective (all off by default: the official stage 2, unchanged).
     # Output-level distillation: the student's SR image against the teacher's (its full one-step path
     # and full decoder, from the same LR), both after the student's colour fix to the LR, as deployed
     # (output_color_fix: false = before it; see feature_distill_bundle for why and what it measured).
-    output_weight: float = 0.0
+    output_weight: float = ranged(0.0, 0, 1e6)
     output_loss: Literal["l1", "mse"] = "l1"
     output_color_fix: bool = True
     train_up: bool = False                     # the student's up path trains too (needs output_weight > 0)
     # "latent" variant: the student UNet's output against the teacher's decoder conv_in output
     # (the mid-block's input: the nearest thing to a latent the student has)
-    unet_out_weight: float = 0.0
+    unet_out_weight: float = ranged(0.0, 0, 1e6)
     # closed-form start for the new PixelUnshuffle conv_in (compress.recover.init)
     init_conv_in: Literal["as_is", "lstsq"] = "as_is"
-    init_crops: int = 32                       # calibration LR crops (training data, its degradation, own seed)
-    init_ridge: float = 1e-3                   # relative to the mean diagonal of the normal equations
+    init_crops: int = ranged(32, 1, 100000)  # calibration LR crops (training data, its degradation, own seed)
+    init_ridge: float = ranged(1e-3, 0, 1e6)  # relative to the mean diagonal of the normal equations
     # memory levers (the official code's choices are the defaults)
     frozen_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # teacher, real path, prompts: inference only
     optimizer: Literal["adam", "adam8bit"] = "adam"          # adam8bit: bitsandbytes' 8-bit Adam states

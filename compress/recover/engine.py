@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import check_range, from_dict
+from ..config import ranged, check_range, from_dict
 from ..errors import AdcError
 from ..io import atomic_path, atomic_write_json
 from ..log import get_logger
@@ -78,22 +78,22 @@ class EngineConfig:
     needs a GPU (accelerate adds the GradScaler; AdcSR's fp16 overflows in places, hence bf16).
     """
 
-    max_steps: int | None = None
-    batch_size: int | None = None
-    micro_batch_size: int | None = None  # per process and forward pass: sets the accumulation steps
-    gradient_accumulation_steps: int = 1
+    max_steps: int | None = ranged(None, 1, 10**9)
+    batch_size: int | None = ranged(None, 1, 65536)
+    micro_batch_size: int | None = ranged(None, 1, 65536)  # per process and forward pass: sets the accumulation steps
+    gradient_accumulation_steps: int = ranged(1, 1, 65536)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     cpu: bool = False
     gradient_checkpointing: bool = False
     allow_tf32: bool = True
-    checkpoint_every: int | None = None
-    keep_checkpoints: int = 1
+    checkpoint_every: int | None = ranged(None, 1, 10**9)
+    keep_checkpoints: int = ranged(1, 1, 1000)
     resume: bool = True
-    log_every: int = 10
-    num_workers: int = 0
-    max_grad_norm: float = 0.0          # 0 = no clipping
+    log_every: int = ranged(10, 1, 10**9)
+    num_workers: int = ranged(0, 0, 256)
+    max_grad_norm: float = ranged(0.0, 0, 1e6)          # 0 = no clipping
     find_unused_parameters: bool = False
-    seed: int = 0
+    seed: int = ranged(0, 0, 2**32 - 1)
     progress: bool = True
     trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # accelerate's log_with (off)
 

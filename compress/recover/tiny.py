@@ -20,6 +20,7 @@ import torch
 
 from ..errors import AdcError
 from ..log import setup_logging
+from ..config import float_in, int_in
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,16 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compress.recover.tiny", description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=["stage1", "stage2"])
     ap.add_argument("--run-dir", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=2, help="global batch")
-    ap.add_argument("--accum", type=int, default=1)
-    ap.add_argument("--crop", type=int, default=64)
-    ap.add_argument("--every", type=int, default=2, help="checkpoint every N steps")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per item read")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=None, help="generator / decoder learning rate")
-    ap.add_argument("--adv-weight", type=float, default=None)
+    ap.add_argument("--steps", type=int_in(1, 10**9), default=6)
+    ap.add_argument("--batch", type=int_in(1, 65536), default=2, help="global batch")
+    ap.add_argument("--accum", type=int_in(1, 65536), default=1)
+    ap.add_argument("--crop", type=int_in(16, 8192), default=64)
+    ap.add_argument("--every", type=int_in(1, 10**9), default=2, help="checkpoint every N steps")
+    ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
+    ap.add_argument("--delay", type=float_in(0.0, 3600.0), default=0.0, help="seconds of sleep per item read")
+    ap.add_argument("--threads", type=int_in(1, 1024), default=1)
+    ap.add_argument("--lr", type=float_in(1e-12, 1.0), default=None, help="generator / decoder learning rate")
+    ap.add_argument("--adv-weight", type=float_in(0.0, 1e6), default=None)
     ap.add_argument("--keep-best", action="store_true", help="stage 1: keep the best validated step (off: the "
                     "last step, so that equivalence tests compare trained weights)")
     ap.add_argument("--float64", action="store_true", help="run the models in float64 (exactness tests)")

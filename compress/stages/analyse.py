@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import AdcError
 from ..io import atomic_write_json
+from ..config import ranged
 
 PLAN_FILE = "plan.json"
 
@@ -23,7 +24,7 @@ PLAN_FILE = "plan.json"
 @dataclass
 class AnalyseConfig:
     groups: bool = True         # build the torch-pruning dependency groups (the prune stage reuses them)
-    min_side: int = 16          # latent side used to build the pruning graphs (coupling is size-free)
+    min_side: int = ranged(16, 1, 4096)          # latent side used to build the pruning graphs (coupling is size-free)
     keep: list[str] = field(default_factory=list)   # modules (glob patterns) the plan must keep
     prune: list[str] = field(default_factory=list)  # extra modules to prune (live networks the plan keeps)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AdcError
+from ..config import ranged
 
 Method = Literal["bicubic", "teacher", "student"]
 
@@ -22,7 +23,7 @@ Method = Literal["bicubic", "teacher", "student"]
 class EvaluateConfig:
     methods: list[Method] = field(default_factory=lambda: ["bicubic", "teacher", "student"])
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
-    limit: int | None = None  # first N pairs only (None = all)
+    limit: int | None = ranged(None, 1, 10**9)  # first N pairs only (None = all)
 
     def validate(self, path: str) -> None:
         if not self.methods:

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import AdcError
 from ..log import get_logger
+from ..config import ranged
 
 log = get_logger("profile")
 
@@ -27,11 +28,11 @@ COUNTER = "torch.utils.flop_counter.FlopCounterMode on meta (MACs = FLOPs/2)"
 
 @dataclass
 class ProfileConfig:
-    lr_size: int | None = None            # default: task.lr_size
+    lr_size: int | None = ranged(None, 16, 8192)            # default: task.lr_size
     latency: Literal["auto", "on", "off"] = "auto"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    warmup: int = 2
-    repeats: int = 5
+    warmup: int = ranged(2, 0, 1000)
+    repeats: int = ranged(5, 1, 100000)
 
     def validate(self, path: str) -> None:
         if self.lr_size is not None and (self.lr_size < 16 or self.lr_size % 16):

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import AdcError
 from ..prune import ChannelPruneConfig, SliceConfig
+from ..config import ranged
 
 
 # --------------------------------------------------------------------------------------------
@@ -30,7 +31,7 @@ from ..prune import ChannelPruneConfig, SliceConfig
 class RemoveConfig:
     time: Literal["delete", "fold"] = "delete"      # what happens to the plan's foldable time branch
     input_stem: Literal["pixel_unshuffle"] = "pixel_unshuffle"  # replaces the re-encoder the plan found
-    unshuffle: int | None = None                     # None: the plan's input/latent size ratio
+    unshuffle: int | None = ranged(None, 1, 16)                     # None: the plan's input/latent size ratio
     init: str = "base"                               # base | teacher | random (the family says which exist)
 
     def validate(self, path: str) -> None:
@@ -150,7 +151,7 @@ class PartPrune:
     slice: SliceConfig = field(default_factory=SliceConfig)
     channels: ChannelPruneConfig = field(default_factory=ChannelPruneConfig)
     # importance: taylor (UNet only): degraded crops of data.train_hr whose gradients rank the channels
-    calibration_images: int = 8
+    calibration_images: int = ranged(8, 1, 100000)
 
     def validate(self, path: str) -> None:
         if self.calibration_images < 2 or self.calibration_images % 2:

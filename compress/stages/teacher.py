@@ -21,15 +21,17 @@ import torch
 from ..errors import AdcError
 from ..io import save_safetensors
 from ..recover.engine import EngineConfig
+from ..config import ranged
 
 
 @dataclass
 class TrainTeacherConfig:
-    lr: float = 5e-4
-    crop: int = 128
+    lr: float = ranged(5e-4, 1e-12, 1.0)
+    crop: int = ranged(128, 16, 8192)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: linear warm-up, then cosine decay to 0
-    warmup_steps: int = 0
-    recon_weight: float = 1.0  # L1 of the teacher's VAE reconstruction of HR (families with an autoencoder)
+    warmup_steps: int = ranged(0, 0, 10**9)
+    # L1 of the teacher's VAE reconstruction of HR (families with an autoencoder)
+    recon_weight: float = ranged(1.0, 0, 1e6)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, path: str) -> None:

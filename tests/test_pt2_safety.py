@@ -1,0 +1,98 @@
+"""A shared ``.pt2`` never runs code on load, and a dynamic one runs any LR size.
+
+``torch.export.load`` itself unpickles parts of an archive with ``weights_only=False`` (weights or
+constants marked ``use_pickle``, and a fallback when the safe load of the sample inputs fails), so
+these tests craft archives that would write a marker file if any such path ran, and check that
+adc refuses them with one line and that the marker never appears.
+"""
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.deploy import export_model, load_exported
+from compress.errors import AdcError
+from compress.zoo.adcsr import build_adcsr
+
+
+class _WritesMarker:
+    """Unpickling this object opens (creates) ``path``: proof that a pickle ran code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _rewrite(src: Path, dst: Path, change) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = change(info.filename, zin.read(info.filename))
+            zout.writestr(info, data)
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pt2") / "tiny.pt2"
+    export_model(build_adcsr("tiny").eval(), path, "torch-export", 32, dynamic=True, source="tests: tiny seed 0")
+    return path
+
+
+def test_pickled_weight_payload_is_refused_without_running_it(program, tmp_path):
+    marker = tmp_path / "ran"
+    evil = pickle.dumps(_WritesMarker(marker), protocol=2)
+    state = {}
+
+    def change(name, data):
+        if name.endswith("data/weights/model_weights_config.json"):
+            cfg = json.loads(data)
+            fqn = next(iter(cfg["config"]))
+            cfg["config"][fqn]["use_pickle"] = True
+            state["file"] = cfg["config"][fqn]["path_name"]
+            return json.dumps(cfg).encode()
+        return data
+
+    staged = tmp_path / "staged.pt2"
+    _rewrite(program, staged, change)
+    crafted = tmp_path / "crafted.pt2"
+    _rewrite(staged, crafted, lambda n, d: evil if n.endswith(f"data/weights/{state['file']}") else d)
+
+    with pytest.raises(AdcError, match=r"crafted\.pt2: refused to load.*arbitrary code"):
+        load_exported(crafted)
+    assert not marker.exists()
+
+
+def test_unsafe_sample_inputs_do_not_fall_back_to_an_unsafe_load(program, tmp_path):
+    marker = tmp_path / "ran"
+    evil = pickle.dumps(_WritesMarker(marker), protocol=2)
+    crafted = tmp_path / "crafted.pt2"
+    _rewrite(program, crafted, lambda n, d: evil if n.endswith("data/sample_inputs/model.pt") else d)
+    with pytest.raises(AdcError, match=r"crafted\.pt2: "):
+        load_exported(crafted)
+    assert not marker.exists()
+
+
+def test_the_untouched_archive_loads_runs_small_lrs_and_restores_the_switch(program, monkeypatch):
+    import os
+
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    model = load_exported(program)
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+    assert model.record["min_lr_side"] == 32
+    torch.manual_seed(0)
+    eager = build_adcsr("tiny").eval()
+    # one block a side failed a guard inside the program; the runtime pads it to two and crops back
+    for h, w in ((16, 16), (16, 48), (48, 32)):
+        lr = torch.rand(1, 3, h, w) * 2 - 1
+        with torch.no_grad():
+            sr = model(lr)
+        assert sr.shape == (1, 3, 4 * h, 4 * w)
+        if min(h, w) >= 32:
+            with torch.no_grad():
+                assert (sr - eager(lr)).abs().max() < 1e-3
