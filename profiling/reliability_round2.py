@@ -341,8 +341,9 @@ def section_concurrency(ctx: Context) -> str:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     locks = list(run.glob(".adc-lock*"))
     lock = locks[0] if locks else run / ".adc-lock"
+    then = time.time() - 60
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "command": "compress.run",
-                                "started": time.time() - 60}))
+                                "since_epoch": then, "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(then))}))
     o = run_cli("compress.run", [str(recipe), "--out", str(run), "--resume"])
     rows.append(_row("run: a stale lock", "the lock of a process that has exited", o, 0, "taking over" in o.line,
                      "taken over with a notice"))

@@ -56,13 +56,13 @@ def test_an_opset_the_exporter_cannot_write_is_refused_not_replaced(tmp_path, fl
 
 
 def test_a_small_tile_takes_a_smaller_default_overlap_and_a_set_one_is_checked_first(tmp_path, capsys):
-    lr = _png(tmp_path / "a.png", 40)
+    lr = _png(tmp_path / "a.png", 24)
     rc = sr_main(["--model", "adcsr", "--size", "tiny", "--input", str(lr), "--output", str(tmp_path / "o"),
                   "--tile", "7"])
     err = capsys.readouterr().err
     assert rc == 0 and "--tile 7 rounded to 16" in err and "overlap" not in err
     with Image.open(tmp_path / "o" / "a.png") as im:
-        assert im.size == (160, 160)
+        assert im.size == (96, 96)
     rc = sr_main(["--model", "adcsr", "--size", "tiny", "--input", str(lr), "--output", str(tmp_path / "p"),
                   "--tile", "20", "--overlap", "8"])
     assert rc == 2 and "error: --overlap 8: expected at most 0 (the tile, 16 after rounding --tile 20" \
