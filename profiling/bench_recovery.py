@@ -44,6 +44,8 @@ _STAGE2_ADCSR = ["stages.distill.output_weight=0", "stages.distill.train_up=fals
 _STAGE1_FIXED = ["stages.pretrain_decoder.lr=3e-4", "stages.pretrain_decoder.adv_weight=0",
                  "stages.pretrain_decoder.keep_best=true", _STEPS1]
 _OUTPUT = ["stages.distill.output_weight=1", "stages.distill.train_up=true", "stages.distill.output_color_fix=true"]
+_MAGNITUDE = ["stages.prune.unet.method=channels", "stages.prune.unet.channels.pruning_ratio=0.25",
+              "stages.prune.unet.channels.importance=magnitude"]
 
 # name -> (what it is, overrides of recipes/adcsr-tiny.yaml)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -67,6 +69,25 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                                 "stages.prune.unet.method=channels",
                                                 "stages.prune.unet.channels.pruning_ratio=0.25",
                                                 "stages.prune.unet.channels.importance=magnitude"]),
+    "lstsq+magnitude": ("lstsq with the UNet pruned by magnitude (stage 2 as AdcSR): the baseline of "
+                        "block+lstsq+magnitude", _STAGE1_FIXED + _STAGE2_ADCSR[:2] + _MAGNITUDE
+                        + ["stages.distill.init_conv_in=lstsq", "stages.distill.feature_weight=1"]),
+    "block+lstsq+magnitude": ("as output+lstsq+magnitude with block-wise feature distillation instead of the output "
+                              "term (BK-SDM: each UNet down/mid/up block's output against the teacher UNet's, "
+                              "through a 1x1 projector fitted by least squares on the first batch and trained, "
+                              "L1 over the teacher feature's mean magnitude, block_weight 1 on the mean over "
+                              "the 9 blocks; the up path frozen, as AdcSR)",
+                              _STAGE1_FIXED + _STAGE2_ADCSR[:2] + _MAGNITUDE
+                              + ["stages.distill.init_conv_in=lstsq", "stages.distill.feature_weight=1",
+                                 "stages.distill.block_weight=1"]),
+    "output+block+lstsq+magnitude": ("output+lstsq+magnitude plus block-wise feature distillation (block_weight 1)",
+                                     _STAGE1_FIXED + _OUTPUT + _MAGNITUDE
+                                     + ["stages.distill.init_conv_in=lstsq", "stages.distill.feature_weight=1",
+                                        "stages.distill.block_weight=1"]),
+    "output+block0.1+lstsq+magnitude": ("as output+block+lstsq+magnitude with block_weight 0.1",
+                                        _STAGE1_FIXED + _OUTPUT + _MAGNITUDE
+                                        + ["stages.distill.init_conv_in=lstsq", "stages.distill.feature_weight=1",
+                                           "stages.distill.block_weight=0.1"]),
 }
 
 
@@ -173,6 +194,57 @@ def write_report(rows: list[dict], out: Path, command: str, wall: float, jobs: i
     return text
 
 
+def merge_section(out: Path, csv_specs: list[str], title: str, command: str) -> str:
+    """A ``## title`` section (one seed per variant, the same columns) from runs already made, written into
+    OUT.md in place of a section of that title (or appended) and their rows into OUT.csv.
+
+    Why: the variants of a later question run as their own command (an hour of CPU each time); their
+    rows join the report without re-running the others. ``csv_specs``: FILE or FILE:VARIANT (rows
+    of a run made with ``--set`` overrides, renamed to the variant that states those overrides).
+    """
+    rows: list[dict] = []
+    for spec in csv_specs:
+        file, _, rename = spec.partition(":")
+        with open(file, newline="") as f:
+            for r in csv.DictReader(f):
+                r = {k: (v if k in ("variant", "device", "dtype", "resolution") else float(v) if v else None)
+                     for k, v in r.items()}
+                r["seed"] = int(r["seed"])
+                if rename:
+                    if rename not in VARIANTS:
+                        raise SystemExit(f"error: {spec}: unknown variant {rename!r}")
+                    r["variant"] = rename
+                rows.append(r)
+    md = [f"## {title}", "", f"`{command}` (runs: {', '.join(f'`{c}`' for c in csv_specs)}); "
+          f"{rows[0]['device']}, fp32, {rows[0]['resolution']}, same columns as above.", "",
+          "| variant | seed | feature L1 before -> after stage 2 | student vs teacher SR before -> after | "
+          "student vs HR after | evaluate: student PSNR-Y | gap to teacher | s |", "|---|---:|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['variant']} | {r['seed']} | {_fmt(r['feature_l1_before'], 3)} -> "
+                  f"{_fmt(r['feature_l1_after'], 3)} | {_fmt(r['psnr_student_vs_teacher_before'])} -> "
+                  f"{_fmt(r['psnr_student_vs_teacher_after'])} | {_fmt(r['psnr_student_vs_hr_after'])} | "
+                  f"{_fmt(r['eval_student'])} | {r['eval_student'] - r['eval_teacher']:+.2f} | {r['seconds']:.0f} |")
+    md += ["", "Variants:", ""] + [f"- `{n}`: {VARIANTS[n][0]}." for n in dict.fromkeys(r["variant"] for r in rows)]
+    section = "\n".join(md) + "\n"
+    text = out.with_suffix(".md").read_text()
+    parts = text.split("\n## ")
+    kept = [parts[0]] + [p for p in parts[1:] if not p.startswith(title + "\n")]
+    from compress.io import atomic_write_text
+
+    atomic_write_text(out.with_suffix(".md"), "\n## ".join(kept).rstrip("\n") + "\n\n" + section)
+    with open(out.with_suffix(".csv"), newline="") as f:
+        old = list(csv.DictReader(f))
+    fields = list(old[0].keys())
+    new_keys = {(r["variant"], str(r["seed"])) for r in rows}
+    merged = [r for r in old if (r["variant"], r["seed"]) not in new_keys] + rows
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(merged)
+    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
+    return section
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python profiling/bench_recovery.py", description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
@@ -182,12 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/adc-bench-recovery"), help="run folders")
     p.add_argument("--keep", action="store_true", help="keep the run folders")
     p.add_argument("--out", type=Path, default=REPO / "reports" / "recovery", help="writes OUT.md and OUT.csv")
+    p.add_argument("--merge", nargs="+", metavar="CSV[:VARIANT]",
+                   help="no runs: put these runs' rows (CSVs this command wrote) into OUT as the section --title")
+    p.add_argument("--title", default="More variants", help="the section --merge writes")
     args = p.parse_args(argv)
+    command = " ".join(["python profiling/bench_recovery.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.merge:
+        print(merge_section(args.out, args.merge, args.title, command))
+        return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"error: --variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
-    command = " ".join(["python profiling/bench_recovery.py", *(sys.argv[1:] if argv is None else argv)])
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(lambda n: run_variant(args.work, n, 0, args.set, args.keep), names))

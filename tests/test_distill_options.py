@@ -1,5 +1,6 @@
-"""Stage-2 options beside AdcSR's objective: output-level distillation, a trainable up path, and the
-closed-form (least-squares) start of the student's new conv_in. Tiny random models, one thread."""
+"""Stage-2 options beside AdcSR's objective: output-level distillation, a trainable up path, the
+closed-form (least-squares) start of the student's new conv_in, and block-wise feature distillation.
+Tiny random models, one thread."""
 
 import copy
 
@@ -162,3 +163,127 @@ def test_lstsq_init_lowers_the_conv_in_residual_on_calibration_crops(tiny_parts,
         pred = torch.cat([conv(student.unshuffle(lr)) for lr in lrs])
     direct = (pred - y).norm() / (y - y.mean((0, 2, 3), keepdim=True)).norm()
     assert abs(float(direct) - fit.residual_after) < 1e-3 * fit.residual_after + 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Block-wise feature distillation (block_weight)
+# --------------------------------------------------------------------------------------------
+BLOCKS = ["blk_down0", "blk_down1", "blk_down2", "blk_down3", "blk_mid", "blk_up0", "blk_up1", "blk_up2", "blk_up3"]
+
+
+def block_engine(steps):
+    return EngineConfig(max_steps=steps, batch_size=2, checkpoint_every=1, log_every=1, cpu=True, progress=False)
+
+
+def test_block_option_adds_one_normalised_term_per_unet_block(tiny_parts, one_thread):
+    from compress.recover.distill import build_setup
+
+    b, cfg = bundle_for(tiny_parts, adv_weight=0.1, block_weight=2.0)
+    blk = b.pairs[1:]
+    assert [p.name for p in blk] == BLOCKS and all(p.loss == "l1_rel" and p.weight == 2.0 / 9 for p in blk)
+    assert (blk[0].student, blk[0].teacher) == ("adcsr.unet.down_blocks.0", "teacher.unet.down_blocks.0")
+    setup = build_setup(b, cfg, dataset=[])
+    assert setup.losses == {"student": ["feat_l1", *BLOCKS, "adv_g"], "discriminator": ["d_real", "d_fake"]}
+    # the tiny student is 0.75x the teacher in every block: one projector each, trained by the student's optimiser
+    assert set(b.projectors.convs) == set(BLOCKS) and setup.trainable["projector"] is b.projectors
+    group = setup.optimizers["student"].param_groups[1]["params"]
+    assert {id(p) for p in b.projectors.parameters()} == {id(p) for p in group}
+    b2, _ = bundle_for(tiny_parts, adv_weight=0.1, block_weight=1.0, block_layers=["mid_block", "up_blocks.3"])
+    assert [p.name for p in b2.pairs[1:]] == ["blk_mid", "blk_up3"] and b2.pairs[1].weight == 0.5
+
+
+def test_projectors_only_where_the_student_is_narrower(tiny_parts, one_thread):
+    from dataclasses import replace
+
+    from compress.families import get
+    from compress.recover.distill import BlockProjectors, DistillConfig, block_pairs
+    from compress.zoo.adcsr import ADCSR_TINY, build_adcsr
+
+    torch.manual_seed(0)  # the teacher's first block is 32 wide: so are this student's down_blocks.0 and up_blocks.3
+    student = build_adcsr(config=replace(ADCSR_TINY, unet_block_out_channels=(32, 48, 48, 48)))
+    parts = get(tiny_parts["family"]).distill_parts(tiny_parts["teacher"], "tiny", None)
+    pairs, widths = block_pairs(student, parts, DistillConfig(block_weight=1.0))
+    assert widths["blk_down0"] == widths["blk_up3"] == (32, 32) and widths["blk_mid"] == (48, 64)
+    proj = BlockProjectors(widths)
+    assert set(proj.convs) == set(BLOCKS) - {"blk_down0", "blk_up3"}
+    x = {"blk_down0": torch.randn(1, 32, 4, 4), "blk_mid": torch.randn(1, 48, 1, 1)}
+    y = proj(x)
+    assert y["blk_down0"] is x["blk_down0"] and y["blk_mid"].shape == (1, 64, 1, 1)
+    # the least-squares start recovers a linear map from one batch
+    true = nn.Conv2d(48, 64, 1).double()
+    s = torch.randn(4, 48, 4, 4, dtype=torch.float64)
+    fit = BlockProjectors({"a": (48, 64)}, dtype=torch.float64).fit({"a": s}, {"a": true(s).detach()}, ridge=0.0)
+    assert fit["a"][0] > 0.5 and fit["a"][1] < 1e-6
+
+
+def block_run(parts, run_dir, steps, **kw):
+    from compress.recover.distill import DistillConfig, run_stage
+    from compress.recover.tiny import tiny_stage2_bundle
+
+    cfg = DistillConfig(train_hr=[realsr() / "HR"], crop=64, prompt="empty", adv_weight=0, engine=block_engine(steps),
+                        **kw)
+    b = tiny_stage2_bundle(cfg, 0, copy.deepcopy(parts))
+    return b, run_stage(b, cfg, run_dir, log=lambda s: None)
+
+
+def test_block_run_resumes_exactly_and_keeps_the_projector_out_of_the_student(tiny_parts, tmp_path, one_thread):
+    import csv
+
+    from safetensors.torch import load_file
+
+    from compress.recover.engine import latest_checkpoint
+
+    straight, out = block_run(tiny_parts, tmp_path / "straight", 2, block_weight=1.0)
+    rows = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["1", "2"] and all(float(rows[0][n]) > 0 for n in BLOCKS)
+    student = load_file(str(tmp_path / "straight" / "student.safetensors"))
+    assert student and all(k.startswith("adcsr.") for k in student) and not any("convs." in k for k in student)
+    assert out["model"] is straight.student and "projector" not in out
+    ckpt = latest_checkpoint(tmp_path / "straight")  # the projector lives in the checkpoints (for resume) only
+    saved = load_file(str(ckpt / "model_1.safetensors"))
+    assert set(saved) == set(straight.projectors.state_dict())
+
+    block_run(tiny_parts, tmp_path / "resumed", 1, block_weight=1.0)  # stopped after step 1 ...
+    resumed, _ = block_run(tiny_parts, tmp_path / "resumed", 2, block_weight=1.0)  # ... and resumed to 2
+    for a, b in ((straight.student, resumed.student), (straight.projectors, resumed.projectors)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    def losses(run):  # each step's terms and lr (steps/s aside)
+        return [r.split(",")[:-1] for r in (tmp_path / run / "metrics.csv").read_text().splitlines()]
+
+    assert losses("resumed") == losses("straight")
+
+
+def test_block_option_leaves_adcsrs_term_alone(tiny_parts, tmp_path, one_thread):
+    """Same data, degradation and initial weights with or without it: AdcSR's term at step 1 is equal."""
+    import csv
+
+    block_run(tiny_parts, tmp_path / "on", 1, block_weight=1.0, block_layers=["mid_block"])
+    block_run(tiny_parts, tmp_path / "off", 1)
+    on, off = (next(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("on", "off"))
+    assert off["feat_l1"] == on["feat_l1"] and "blk_mid" in on and "blk_mid" not in off
+
+
+def test_block_weight_zero_is_adcsrs_setup(tiny_parts, one_thread):
+    from compress.recover.distill import build_setup
+
+    b0, cfg0 = bundle_for(tiny_parts, adv_weight=0.1)
+    b1, cfg1 = bundle_for(tiny_parts, adv_weight=0.1, block_weight=0.0)
+    assert b0.projectors is None and b1.projectors is None
+    assert [(p.student, p.teacher, p.name, p.weight) for p in b0.pairs] == \
+        [(p.student, p.teacher, p.name, p.weight) for p in b1.pairs]
+    s0, s1 = build_setup(b0, cfg0, dataset=[]), build_setup(b1, cfg1, dataset=[])
+    assert s0.losses == s1.losses and set(s1.trainable) == {"student", "discriminator"}
+    assert len(s1.optimizers["student"].param_groups) == 1
+
+
+def test_block_option_checks(tiny_parts):
+    from compress.recover.distill import DistillConfig
+
+    with pytest.raises(AdcError, match="block_layers: used only by block-wise"):
+        DistillConfig(block_layers=["mid_block"]).validate("distill")
+    with pytest.raises(AdcError, match="block_weight: expected >= 0"):
+        DistillConfig(block_weight=-1).validate("distill")
+    with pytest.raises(AdcError, match=r"block_layers: no block 'up_blocks.9' in the student UNet"):
+        bundle_for(tiny_parts, adv_weight=0, block_weight=1.0, block_layers=["up_blocks.9"])

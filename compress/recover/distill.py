@@ -32,8 +32,10 @@ Options beside AdcSR's objective (``DistillConfig``; all off by default, and the
 changes): output-level distillation (``output_weight``: the student's SR image against the
 teacher's, in pixels, optionally with ``train_up``: the student's up path trains too), the
 "latent" variant (``unet_out_weight``: the student UNet's output against the teacher's decoder
-``conv_in`` output), and a closed-form least-squares start of the new ``conv_in``
-(``init_conv_in: lstsq``, :mod:`compress.recover.init`; done by the stage, before training).
+``conv_in`` output), a closed-form least-squares start of the new ``conv_in``
+(``init_conv_in: lstsq``, :mod:`compress.recover.init`; done by the stage, before training), and
+block-wise feature distillation as BK-SDM does (``block_weight``: each student UNet block against
+the teacher UNet's, through a trained 1x1 projector where the student is narrower).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "l1": lambda s, t: (s - t).abs().mean(),
     "mse": lambda s, t: (s - t).pow(2).mean(),
     "smooth_l1": lambda s, t: F.smooth_l1_loss(s, t),
+    # L1 over the target's mean magnitude (per batch, no gradient through it): blocks of different
+    # scales weigh alike, so a deep block with large activations does not drown the shallow ones
+    "l1_rel": lambda s, t: (s - t).abs().mean() / t.detach().abs().mean().clamp_min(1e-8),
 }
 
 
@@ -113,6 +118,51 @@ def capture(module: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch
             h.remove()
 
 
+class BlockProjectors(nn.Module):
+    """1x1 convs from a student feature's width to its teacher's, one per feature pair whose widths differ
+    (channel pruning): block-wise distillation needs the student's narrower block in the teacher's space.
+
+    A training aid, as in FitNets/BK-SDM: trained with the student (same optimiser), kept in the
+    engine's checkpoints so a resume is exact, never part of the saved student. ``forward({pair:
+    feature})`` projects the pairs it has a conv for and passes the others through. :meth:`fit`
+    sets each conv by ridge least squares on one batch (the engine calls it on the first), so the
+    term starts from the best linear match instead of from a random map.
+    """
+
+    def __init__(self, widths: Mapping[str, tuple[int, int]], device=None, dtype=None):
+        super().__init__()
+        self.convs = nn.ModuleDict({name: nn.Conv2d(cs, ct, 1, device=device, dtype=dtype)
+                                    for name, (cs, ct) in widths.items() if cs != ct})
+
+    def forward(self, feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: self.convs[n](x) if n in self.convs else x for n, x in feats.items()}
+
+    @torch.no_grad()
+    def fit(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
+            reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, ridge: float = 1e-3
+            ) -> dict[str, tuple[float, float]]:
+        """Ridge least squares per conv (``ridge`` relative to the mean diagonal, as
+        :mod:`compress.recover.init`); ``reduce`` sums the normal equations over processes, so every
+        process sets the same weights. Returns {pair: (relative residual before, after)}."""
+        from .init import RidgeFit, conv_as_matrix
+
+        out = {}
+        for name, conv in self.convs.items():
+            s, t = student[name], teacher[name]
+            stats = RidgeFit()
+            stats.add(s.permute(0, 2, 3, 1).reshape(-1, s.shape[1]), t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]))
+            if reduce is not None:
+                stats.gram, stats.cross, stats.ysum = reduce(stats.gram), reduce(stats.cross), reduce(stats.ysum)
+                tot = reduce(torch.tensor([stats.yy, float(stats.rows)], dtype=torch.float64, device=s.device))
+                stats.yy, stats.rows = float(tot[0]), int(tot[1])
+            before = stats.residual(conv_as_matrix(conv).to(stats.gram.device))
+            w = stats.solve(ridge)
+            conv.weight.copy_(w[:-1].T.reshape(conv.weight.shape).to(conv.weight.dtype))
+            conv.bias.copy_(w[-1].to(conv.bias.dtype))
+            out[name] = (before, stats.residual(w))
+        return out
+
+
 def pick(layer: Layer, output: Any, captured: Mapping[str, torch.Tensor], side: str) -> torch.Tensor:
     if callable(layer):
         return layer(output)
@@ -141,7 +191,9 @@ class DistillBundle:
     ``discriminator(fake_or_real, **inputs["disc"]) -> logits``; its trainable parameters are
     the ones with ``requires_grad``. ``adv_on``: the student layer D judges (default: the
     student side of the first pair). ``export(student, run_dir) -> {name: path}`` writes the
-    trained student in the family's formats (main process only).
+    trained student in the family's formats (main process only). ``projectors``: a
+    :class:`BlockProjectors` for the pairs whose student feature must be mapped to the teacher's
+    width (trained and checkpointed with the student, not part of it).
     """
 
     student: nn.Module
@@ -154,6 +206,7 @@ class DistillBundle:
     frozen: dict[str, nn.Module] = field(default_factory=dict)
     export: Callable[[nn.Module, Path], dict[str, str]] | None = None
     notes: list[str] = field(default_factory=list)
+    projectors: BlockProjectors | None = None
 
     def __post_init__(self) -> None:
         if not self.pairs:
@@ -161,6 +214,9 @@ class DistillBundle:
         names = [p.name for p in self.pairs]
         if len(set(names)) != len(names):
             raise AdcError(f"distill: feature pair names must be unique, got {names}")
+        if self.projectors is not None and set(self.projectors.convs) - set(names):
+            extra = sorted(set(self.projectors.convs) - set(names))
+            raise AdcError(f"distill: projectors {extra} name no feature pair")
         if (self.discriminator is None) != (self.real is None):
             raise AdcError("distill: the discriminator needs a 'real' feature module and vice versa")
 
@@ -180,9 +236,9 @@ class DistillConfig:
     betas_d: tuple[float, float] = (0.9, 0.999)
     feature_loss: Literal["l1", "mse", "smooth_l1"] = "l1"
     feature_weight: float = ranged(1.0, 0, 1e6)
-    adv_weight: float = ranged(1.0, 0, 1e6)  # 0 = no discriminator
+    adv_weight: float = ranged(1.0, 0, 1e6)                    # 0 = no discriminator
     adv_loss: Literal["non_saturating", "hinge"] = "non_saturating"
-    adv_start: int = ranged(1, 0, 10**9)  # first step with the adversarial terms
+    adv_start: int = ranged(1, 0, 10**9)                         # first step with the adversarial terms
     prompt: Literal["dape", "fixed", "empty"] = "dape"
     prompt_text: str = ""                      # for prompt: fixed (needs the teacher's tokenizer)
     lora_rank: int = ranged(4, 1, 4096)
@@ -201,7 +257,14 @@ class DistillConfig:
     # closed-form start for the new PixelUnshuffle conv_in (compress.recover.init)
     init_conv_in: Literal["as_is", "lstsq"] = "as_is"
     init_crops: int = ranged(32, 1, 100000)  # calibration LR crops (training data, its degradation, own seed)
-    init_ridge: float = ranged(1e-3, 0, 1e6)  # relative to the mean diagonal of the normal equations
+    init_ridge: float = ranged(1e-3, 0, 1e6)                   # relative to the mean diagonal of the normal equations
+    # Block-wise feature distillation (BK-SDM): each student UNet block's output against the same block of
+    # the teacher's UNet on its own latent path (same spatial size: both UNets run at LR/2), through a
+    # trained 1x1 projector where the student is narrower, L1 over the teacher feature's mean magnitude.
+    # block_weight weighs the mean over the blocks; block_layers: UNet block names (default: every
+    # down_blocks.*, mid_block, up_blocks.*).
+    block_weight: float = ranged(0.0, 0, 1e6)
+    block_layers: list[str] = field(default_factory=list)
     # memory levers (the official code's choices are the defaults)
     frozen_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # teacher, real path, prompts: inference only
     optimizer: Literal["adam", "adam8bit"] = "adam"          # adam8bit: bitsandbytes' 8-bit Adam states
@@ -219,9 +282,18 @@ class DistillConfig:
         for name in ("lr_g", "lr_d", "lr_gamma"):
             if not getattr(self, name) > 0:
                 raise AdcError(f"{path}.{name}: expected a positive number, got {getattr(self, name)}")
-        for name in ("feature_weight", "adv_weight", "output_weight", "unet_out_weight", "init_ridge"):
+        for name in ("feature_weight", "adv_weight", "output_weight", "unet_out_weight", "init_ridge", "block_weight"):
             if getattr(self, name) < 0:
                 raise AdcError(f"{path}.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.block_layers and not self.block_weight > 0:
+            raise AdcError(f"{path}.block_layers: used only by block-wise distillation; set block_weight > 0 "
+                           "(or leave block_layers out)")
+        for i, layer in enumerate(self.block_layers):
+            if not isinstance(layer, str) or not layer.strip() or layer != layer.strip():
+                raise AdcError(f"{path}.block_layers[{i}]: expected a UNet block name (e.g. down_blocks.0), "
+                               f"got {layer!r}")
+        if len(set(self.block_layers)) != len(self.block_layers):
+            raise AdcError(f"{path}.block_layers: each block once, got {self.block_layers}")
         if self.train_up and not self.output_weight > 0:
             raise AdcError(f"{path}.train_up: the up path gets gradients only from the output term; "
                            "set output_weight > 0 (or train_up: false)")
@@ -257,9 +329,12 @@ def build_setup(bundle: DistillBundle, config: DistillConfig, dataset: Dataset) 
         raise AdcError("distill: the student has no trainable parameters")
     bundle.teacher.eval().requires_grad_(False)
     use_adv = bundle.discriminator is not None and config.adv_weight > 0
-    opt_g = _adam(config.optimizer)([p for p in student.parameters() if p.requires_grad], lr=config.lr_g,
-                                    betas=config.betas_g)
-    trainable = {"student": student}
+    g_params: list = [p for p in student.parameters() if p.requires_grad]
+    proj = bundle.projectors if bundle.projectors is not None and len(bundle.projectors.convs) else None
+    if proj is not None:  # the student's optimiser, a second group: same lr and schedule
+        g_params = [{"params": g_params}, {"params": list(proj.train().parameters())}]
+    opt_g = _adam(config.optimizer)(g_params, lr=config.lr_g, betas=config.betas_g)
+    trainable = {"student": student, **({"projector": proj} if proj is not None else {})}
     optimizers: dict[str, torch.optim.Optimizer] = {"student": opt_g}
     schedulers = {"student": torch.optim.lr_scheduler.MultiStepLR(opt_g, list(config.lr_milestones), config.lr_gamma)}
     losses = {"student": [p.name for p in bundle.pairs] + (["adv_g"] if use_adv else [])}
@@ -279,6 +354,21 @@ def build_setup(bundle: DistillBundle, config: DistillConfig, dataset: Dataset) 
     s_names = [p.student for p in bundle.pairs if isinstance(p.student, str)] + ([adv_on] if isinstance(adv_on, str) else [])
     t_names = [p.teacher for p in bundle.pairs if isinstance(p.teacher, str)]
 
+    def project(ctx: StepContext, s_feats: dict, t_out: Any, t_cap: Mapping) -> dict[str, torch.Tensor]:
+        """The projected student features; on a fresh run's first micro-batch the projectors are first
+        fitted to it (a resumed run never computes step 1: it loads the fitted, trained ones)."""
+        names = list(proj.convs)
+        if ctx.step == 1 and ctx.micro == 0:
+            pairs = {p.name: p for p in bundle.pairs}
+            t_feats = {n: upcast(pick(pairs[n].teacher, t_out, t_cap, "teacher")).to(s_feats[n].dtype) for n in names}
+            reduce = (lambda x: ctx.accelerator.reduce(x, "sum")) if ctx.accelerator.num_processes > 1 else None
+            fit = ctx.unwrap("projector").fit({n: s_feats[n].detach() for n in names}, t_feats, reduce)
+            if ctx.accelerator.is_main_process:
+                get_logger(__name__).info("[distill] block projectors fitted by least squares on the first batch, "
+                                          "relative residual: " + ", ".join(f"{n} {a:.3f} -> {b:.3f}"
+                                                                            for n, (a, b) in fit.items()))
+        return {n: upcast(x) for n, x in ctx.model("projector")({n: s_feats[n] for n in names}).items()}
+
     def step_fn(ctx: StepContext, batch: dict) -> None:
         with torch.no_grad():
             inputs = bundle.make_inputs(batch, ctx.device)
@@ -293,9 +383,12 @@ def build_setup(bundle: DistillBundle, config: DistillConfig, dataset: Dataset) 
                     t_out = call(bundle.teacher, inputs["teacher"])
                 with capture(ctx.unwrap("student"), s_names) as s_cap:
                     s_out = call(ctx.model("student"), inputs["student"])
+                s_feats = {p.name: upcast(pick(p.student, s_out, s_cap, "student")) for p in bundle.pairs}
+                if proj is not None:
+                    s_feats.update(project(ctx, s_feats, t_out, t_cap))
                 terms = {}
                 for p in bundle.pairs:
-                    s = upcast(pick(p.student, s_out, s_cap, "student"))
+                    s = s_feats[p.name]
                     t = upcast(pick(p.teacher, t_out, t_cap, "teacher")).to(s.dtype)
                     if s.shape != t.shape:
                         raise AdcError(f"feature pair {p.name!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
@@ -347,7 +440,8 @@ def run_stage(bundle: DistillBundle, config: DistillConfig, run_dir: str | Path,
 
     ``dataset`` overrides ``config.train_hr`` (items: HR 3xHxW in [0, 1]). Every process of an
     ``accelerate launch`` calls this; the main one writes the files. ``write_student=False``:
-    the trained student is only returned (``artifacts["model"]``; the runner saves it once).
+    the trained student is only returned (``artifacts["model"]``; the runner saves it once). Block
+    projectors (``block_weight``) are a training aid: in the checkpoints, never in the student's files.
     """
     run_dir = Path(run_dir)
     log = log or get_logger(__name__).info
@@ -560,9 +654,75 @@ def degrade_items(degradation, hr: torch.Tensor, batch: Mapping[str, Any], seed:
     return torch.cat(out)
 
 
+def default_block_layers(unet: nn.Module) -> list[str]:
+    """Every down block, the mid block and every up block of an SD-structured UNet, in forward order."""
+    return ([f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
+            + (["mid_block"] if getattr(unet, "mid_block", None) is not None else [])
+            + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))])
+
+
+def block_pair_name(layer: str) -> str:
+    """down_blocks.0 -> blk_down0, mid_block -> blk_mid (a metrics column and a ModuleDict key: no dots)."""
+    short = layer.replace("down_blocks.", "down").replace("up_blocks.", "up").replace("mid_block", "mid")
+    return "blk_" + short.replace(".", "_")
+
+
+@torch.no_grad()
+def block_pairs(student: nn.Module, parts, config: DistillConfig, teacher_denoiser: str = "unet"
+                ) -> tuple[list[FeaturePair], dict[str, tuple[int, int]]]:
+    """Block-wise distillation's pairs (student ``adcsr.unet.<block>`` vs ``teacher.<denoiser>.<block>``,
+    normalised L1, each weighted ``block_weight / blocks``) and each pair's (student, teacher) width.
+
+    The widths and spatial sizes come from one probe forward of both UNets on a small fixed LR (no
+    gradients, eval mode, the global RNG untouched): structure alone does not say a block's output
+    width once channel pruning has rewritten its convs.
+    """
+    if parts.teacher is None:
+        raise AdcError("distill.block_weight: this family's distillation parts name no teacher module to take "
+                       "UNet blocks from")
+    try:
+        parts.teacher.get_submodule(teacher_denoiser)
+    except AttributeError:
+        raise AdcError(f"distill.block_weight: the teacher has no UNet at {teacher_denoiser!r}") from None
+    layers = list(config.block_layers) or default_block_layers(student.unet)
+    t_names = [f"{teacher_denoiser}.{layer}" for layer in layers]
+    for layer, t_name in zip(layers, t_names):
+        for root, name, side in ((student.unet, layer, "student UNet"), (parts.teacher, t_name, "teacher")):
+            try:
+                root.get_submodule(name)
+            except AttributeError:
+                raise AdcError(f"distill.block_layers: no block {layer!r} in the {side}") from None
+    side = student.config.pad_multiple
+    lr = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    s_ref, t_ref = next(student.parameters()), next(parts.teacher.parameters())
+    modes = {m: m.training for m in student.modules()}
+    student.eval()
+    try:
+        with capture(student.unet, layers) as s_cap, capture(parts.teacher, t_names) as t_cap:
+            student.unet(student.unshuffle(lr.to(s_ref.device, s_ref.dtype)))
+            parts.teacher_latent(lr.to(t_ref.device, t_ref.dtype), None)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    pairs, widths = [], {}
+    for layer, t_name in zip(layers, t_names):
+        s, t = s_cap.get(layer), t_cap.get(t_name)
+        if s is None or t is None:
+            raise AdcError(f"distill.block_layers: block {layer!r} did not run in the "
+                           f"{'student' if s is None else 'teacher'} UNet's forward")
+        if s.shape[2:] != t.shape[2:]:
+            raise AdcError(f"distill.block_layers: block {layer!r} is {tuple(s.shape[2:])} in the student and "
+                           f"{tuple(t.shape[2:])} in the teacher (same LR); block-wise distillation needs equal sizes")
+        name = block_pair_name(layer)
+        widths[name] = (s.shape[1], t.shape[1])
+        pairs.append(FeaturePair(f"adcsr.unet.{layer}", f"teacher.{t_name}", "l1_rel",
+                                 config.block_weight / len(layers), name))
+    return pairs, widths
+
+
 def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config: DistillConfig,
                            init_student_decoder: bool = True, export_official: bool = True,
-                           teacher_decoder: nn.Module | None = None) -> DistillBundle:
+                           teacher_decoder: nn.Module | None = None, teacher_denoiser: str = "unet") -> DistillBundle:
     """AdcSR's stage 2 for any family, as a :class:`DistillBundle`.
 
     ``student``: an :class:`~compress.zoo.adcsr.AdcSR` (pruned UNet initialised by the caller).
@@ -589,6 +749,9 @@ def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config
     path (up blocks, ``conv_norm_out``, ``conv_out``) trains too (AdcSR keeps it frozen). With the
     output term the discriminator still judges the mid-block features. ``config.unet_out_weight > 0``
     adds ``unet_l1``: the student UNet's output against the teacher's stage-1 ``conv_in`` output.
+    ``config.block_weight > 0`` adds one ``blk_*`` term per UNet block (:func:`block_pairs`; the
+    teacher's UNet at ``teacher_denoiser`` inside ``parts.teacher``), with a :class:`BlockProjectors`
+    for the blocks the student has narrower.
     """
     from ..data import RealESRGANDegradation
 
@@ -597,6 +760,7 @@ def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config
         raise AdcError(f"distill.crop: {config.crop} gives {lr_side}-pixel LR crops; the AdcSR student needs LR sides "
                        f"divisible by {student.config.pad_multiple} (crop divisible by "
                        f"{student.config.pad_multiple * config.degradation_config().scale})")
+    blocks = block_pairs(student, parts, config, teacher_denoiser) if config.block_weight > 0 else None
     if init_student_decoder:
         student.mid_block.load_state_dict(decoder.mid_block.state_dict())
         student.up.load_state_dict({k: v for k, v in decoder.state_dict().items()
@@ -664,13 +828,21 @@ def feature_distill_bundle(student: nn.Module, decoder: nn.Module, parts, config
     if config.unet_out_weight > 0:
         pairs.append(FeaturePair("adcsr.unet", "decoder.conv_in", config.feature_loss, config.unet_out_weight,
                                  f"unet_{config.feature_loss}"))
+    projectors = None
+    if blocks is not None:
+        pairs += blocks[0]
+        with torch.random.fork_rng(devices=[]):  # built on the CPU from its own seed: the global RNG is untouched
+            torch.manual_seed(seed + 3)
+            projectors = BlockProjectors(blocks[1], dtype=dtype)  # fitted on the first batch anyway
+        projectors.to(next(student.parameters()).device)
     return DistillBundle(
         student=student_module, teacher=teacher_module, pairs=pairs,
         make_inputs=make_inputs, discriminator=disc, real=real, adv_on="adcsr.mid_block" if use_out else "",
-        export=export if export_official else None, notes=list(parts.notes), frozen=dict(parts.frozen))
+        export=export if export_official else None, notes=list(parts.notes), frozen=dict(parts.frozen),
+        projectors=projectors)
 
 
 __all__ = ["FeaturePair", "DistillBundle", "DistillConfig", "build_setup", "run_stage", "capture", "pick",
            "UNetDiscriminator", "make_unet_discriminator", "AdcSRStudentFeatures", "AdcSRStudentOutput",
-           "TeacherFeatures", "TeacherOutput",
+           "TeacherFeatures", "TeacherOutput", "BlockProjectors", "block_pairs", "default_block_layers",
            "RealFeatures", "DecoderFeatures", "degrade_items", "feature_distill_bundle", "LOSSES"]

@@ -205,7 +205,8 @@ def run_distill(bundle, config: DistillConfig, stage_dir: Path) -> dict[str, Any
     targets = _teacher_targets(feats, sr_teacher, lr_held) if lr_held is not None else None
     dbundle = feature_distill_bundle(student, decoder, parts, config, export_official=False,
                                      teacher_decoder=teacher.get_submodule(bundle.family.decoder_path)
-                                     if config.output_weight > 0 else None)
+                                     if config.output_weight > 0 else None,
+                                     teacher_denoiser=bundle.family.denoiser_path)
     before = _distill_measure(student, targets, hr_held) if targets is not None else None
     fit = after_init = None
     if config.init_conv_in == "lstsq":
