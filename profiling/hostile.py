@@ -5,7 +5,10 @@ like a user (a subprocess), reading its outcome, and one markdown row per case.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pickle
+import zipfile
 import re
 import subprocess
 import sys
@@ -131,3 +134,51 @@ def _bomb_png(path: Path, w: int, h: int) -> None:
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     body = zlib.compress(b"\x00" * (1 + 3 * w) * 4)  # 4 rows of data, the rest missing
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+# ----------------------------------------------------------------------------- crafted model files
+
+
+class _WritesMarker:
+    """Unpickling this object creates ``path``: proof that a model file ran code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _evil(marker: Path) -> bytes:
+    return pickle.dumps(_WritesMarker(marker), protocol=2)
+
+
+def rezip(src: Path, dst: Path, change) -> Path:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info, change(info.filename, zin.read(info.filename)))
+    return dst
+
+
+def pt2_with_pickled_weight(src: Path, dst: Path, marker: Path) -> Path:
+    """``src`` with its first weight marked ``use_pickle`` and replaced by a pickle that creates ``marker``."""
+    state: dict[str, str] = {}
+
+    def mark(name: str, data: bytes) -> bytes:
+        if name.endswith("data/weights/model_weights_config.json"):
+            cfg = json.loads(data)
+            fqn = next(iter(cfg["config"]))
+            cfg["config"][fqn]["use_pickle"] = True
+            state["file"] = cfg["config"][fqn]["path_name"]
+            return json.dumps(cfg).encode()
+        return data
+
+    staged = rezip(src, dst.with_name(dst.name + ".staged"), mark)
+    rezip(staged, dst, lambda n, d: _evil(marker) if n.endswith(f"data/weights/{state['file']}") else d)
+    staged.unlink()
+    return dst
+
+
+def pt2_with_pickled_inputs(src: Path, dst: Path, marker: Path) -> Path:
+    """``src`` whose sample inputs are a pickle that creates ``marker`` (torch retries them unsafely)."""
+    return rezip(src, dst, lambda n, d: _evil(marker) if n.endswith("data/sample_inputs/model.pt") else d)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -20,30 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from profiling.hostile import REPO, STUDENT_RUN, TINY, Context, _env, _listing, _noise_png, _row, _table, run_cli
+from profiling.hostile import (REPO, STUDENT_RUN, TINY, Context, _env, _evil, _listing, _noise_png, _row, _table,
+                               pt2_with_pickled_inputs, pt2_with_pickled_weight, run_cli)
 
 SR = "compress.sr"
-
-
-class _WritesMarker:
-    """Unpickling this object creates ``path``: proof that a model file ran code."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _evil(marker: Path) -> bytes:
-    return pickle.dumps(_WritesMarker(marker), protocol=2)
-
-
-def _rezip(src: Path, dst: Path, change) -> Path:
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
-        for info in zin.infolist():
-            zout.writestr(info, change(info.filename, zin.read(info.filename)))
-    return dst
 
 
 def _export_pt2(ctx: Context) -> Path:
@@ -73,23 +52,11 @@ def section_models(ctx: Context) -> str:
         ctx.log(f"models2 {name}: rc {o.rc}")
 
     # .pt2 archives: every path on which torch.export.load unpickles with weights_only=False
-    state: dict[str, str] = {}
-
-    def pickled_weight(name: str, data: bytes) -> bytes:
-        if name.endswith("data/weights/model_weights_config.json"):
-            cfg = json.loads(data)
-            fqn = next(iter(cfg["config"]))
-            cfg["config"][fqn]["use_pickle"] = True
-            state["file"] = cfg["config"][fqn]["path_name"]
-            return json.dumps(cfg).encode()
-        return data
-
     m1 = w / "ran_weight"
-    staged = _rezip(pt2, w / "staged.pt2", pickled_weight)
-    evil1 = _rezip(staged, w / "weight.pt2", lambda n, d: _evil(m1) if n.endswith(f"weights/{state['file']}") else d)
+    evil1 = pt2_with_pickled_weight(pt2, w / "weight.pt2", m1)
     case(".pt2: pickled weight", "a weight marked `use_pickle` whose payload opens a file when unpickled", evil1, m1)
     m2 = w / "ran_inputs"
-    evil2 = _rezip(pt2, w / "inputs.pt2", lambda n, d: _evil(m2) if n.endswith("sample_inputs/model.pt") else d)
+    evil2 = pt2_with_pickled_inputs(pt2, w / "inputs.pt2", m2)
     case(".pt2: sample inputs", "sample inputs that fail the safe load (torch falls back to an unsafe one)",
          evil2, m2)
     m3 = w / "ran_constant"

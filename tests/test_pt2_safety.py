@@ -6,34 +6,13 @@ these tests craft archives that would write a marker file if any such path ran, 
 adc refuses them with one line and that the marker never appears.
 """
 
-import json
-import pickle
-import zipfile
-from pathlib import Path
-
 import pytest
 import torch
 
 from compress.deploy import export_model, load_exported
 from compress.errors import AdcError
 from compress.zoo.adcsr import build_adcsr
-
-
-class _WritesMarker:
-    """Unpickling this object opens (creates) ``path``: proof that a pickle ran code."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _rewrite(src: Path, dst: Path, change) -> None:
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
-        for info in zin.infolist():
-            data = change(info.filename, zin.read(info.filename))
-            zout.writestr(info, data)
+from profiling.hostile import pt2_with_pickled_inputs, pt2_with_pickled_weight
 
 
 @pytest.fixture(scope="module")
@@ -47,34 +26,16 @@ def program(tmp_path_factory):
 
 def test_pickled_weight_payload_is_refused_without_running_it(program, tmp_path):
     marker = tmp_path / "ran"
-    evil = pickle.dumps(_WritesMarker(marker), protocol=2)
-    state = {}
-
-    def change(name, data):
-        if name.endswith("data/weights/model_weights_config.json"):
-            cfg = json.loads(data)
-            fqn = next(iter(cfg["config"]))
-            cfg["config"][fqn]["use_pickle"] = True
-            state["file"] = cfg["config"][fqn]["path_name"]
-            return json.dumps(cfg).encode()
-        return data
-
-    staged = tmp_path / "staged.pt2"
-    _rewrite(program, staged, change)
-    crafted = tmp_path / "crafted.pt2"
-    _rewrite(staged, crafted, lambda n, d: evil if n.endswith(f"data/weights/{state['file']}") else d)
-
-    with pytest.raises(AdcError, match=r"crafted\.pt2: refused to load.*arbitrary code"):
+    crafted = pt2_with_pickled_weight(program, tmp_path / "crafted.pt2", marker)
+    with pytest.raises(AdcError, match=r"crafted\.pt2: refused to load.*arbitrary code.*refused io\.open"):
         load_exported(crafted)
     assert not marker.exists()
 
 
 def test_unsafe_sample_inputs_do_not_fall_back_to_an_unsafe_load(program, tmp_path):
     marker = tmp_path / "ran"
-    evil = pickle.dumps(_WritesMarker(marker), protocol=2)
-    crafted = tmp_path / "crafted.pt2"
-    _rewrite(program, crafted, lambda n, d: evil if n.endswith("data/sample_inputs/model.pt") else d)
-    with pytest.raises(AdcError, match=r"crafted\.pt2: "):
+    crafted = pt2_with_pickled_inputs(program, tmp_path / "crafted.pt2", marker)
+    with pytest.raises(AdcError, match=r"crafted\.pt2: refused to load"):
         load_exported(crafted)
     assert not marker.exists()
 

@@ -13,22 +13,12 @@ Names load on first use (PEP 562), so reading a record (:mod:`.record`) does not
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_exports
 
-_WHERE = {"EXPORT_FORMATS": ".record", "read_export_record": ".record", "ExportResult": ".export",
-          "export_model": ".export", "ExportedSR": ".runtime", "load_exported": ".runtime"}
+_WHERE = {"EXPORT_FORMATS": "record", "read_export_record": "record", "ExportResult": "export",
+          "export_model": "export", "ExportedSR": "runtime", "load_exported": "runtime"}
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "ExportedSR", "export_model", "load_exported", "read_export_record"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
