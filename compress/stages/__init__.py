@@ -57,5 +57,6 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
     _spec("distill", "recover", "DistillConfig", everyone=True),
     _spec("evaluate", "evaluate", "EvaluateConfig"),
     _spec("profile", "profile", "ProfileConfig"),
+    _spec("quantize", "quantize", "QuantizeConfig"),
     _spec("report", "report", "ReportConfig"),
 ]}

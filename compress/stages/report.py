@@ -376,6 +376,21 @@ def run_report(bundle, config: ReportConfig, stage_dir: Path) -> dict[str, Any]:
                                  "resolution": f"{p['lr_size']}->{p['sr_size']}", "counter": "wall clock, median"})
         lines += _table(["model", "params", "MACs conv+linear", "MACs attention", "MACs total", "latency"], rows)
 
+    if "quantize" in art:  # the quantize stage's gate: which file ships, and what it measured
+        qa = art["quantize"]
+        lines += ["## int8 quantization", "", f"**{qa['verdict']}** Shipped file: `{_rel(qa['file'], root)}`; "
+                  f"details: `{_rel(qa['report'], root)}`. {qa['device']}, LR {qa['lr_size'][0]}x{qa['lr_size'][1]} "
+                  f"-> x{task.scale}, quality int8 vs fp32 on {qa['check_images']} held-out training crops.", ""]
+        lines += _table(["", "fp32", "int8 (QDQ)"],
+                        [["latency (median)", f"{qa['latency_ms']['fp32']:.1f} ms", f"{qa['latency_ms']['int8']:.1f} ms"],
+                         ["file", f"{qa['bytes']['fp32'] / 2**20:.2f} MiB", f"{qa['bytes']['int8'] / 2**20:.2f} MiB"],
+                         ["PSNR vs fp32", "-", "identical" if qa["psnr_int8_vs_fp32_db"] is None
+                          else f"{qa['psnr_int8_vs_fp32_db']:.2f} dB"]])
+        for key in ("fp32", "int8"):
+            csv_rows.append({"section": "quantize", "item": key, "metric": "latency_ms", "value": qa["latency_ms"][key],
+                             "device": qa["device"], "dtype": key, "resolution": f"{qa['lr_size'][0]}->x{task.scale}",
+                             "counter": "wall clock, median, fp32 and int8 calls alternating"})
+
     if "evaluate" in art:
         e = art["evaluate"]
         per_image = f"; per-image scores: [per_image.csv]({_rel(e['per_image'], root)})" if e.get("per_image") else ""
