@@ -45,6 +45,7 @@ def test_log_to_file_writes_level_logger_and_timestamp(tmp_path):
     assert line.endswith("WARNING adc.stages.demo: checkpoint kept") and line[:4].isdigit()  # 2026-...
 
 
+@pytest.mark.slow  # a whole tiny run: about 14 s
 def test_a_run_writes_run_log_and_no_carriage_returns(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "compress.run", str(REPO / "recipes" / "adcsr-tiny.yaml"), "--out",

@@ -216,6 +216,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-4), n
 
 
+@pytest.mark.slow  # two short stage-2 runs: about 13 s
 def test_stage2_with_gradient_checkpointing_trains_exactly_like_without(tmp_path, one_thread):
     """The memory lever changes nothing but memory: student and discriminator (LoRA, frozen during the
     generator's step) checkpointed, the adversarial term on from step 0, float64, same weights."""
