@@ -377,8 +377,6 @@ def run(args: argparse.Namespace) -> int:
         raise AdcError(f"--tile {args.tile}: expected a positive number of px (or 0 for no tiling)")
     if args.batch is not None and args.batch < 1:
         raise AdcError(f"--batch {args.batch}: expected >= 1")
-    if args.overlap is not None and args.overlap < 0:
-        raise AdcError(f"--overlap {args.overlap}: expected >= 0 LR px")
     if args.overlap is not None and args.tile and args.overlap >= args.tile:
         raise AdcError(f"--overlap {args.overlap}: expected smaller than --tile {args.tile}")
     if args.threads < 0:
